@@ -1,0 +1,164 @@
+// ONNX Runtime glue of LinearAttention (CPU): reads attributes and inputs, checks shapes, stages
+// float16 as float32, and runs the ISA variant of the kernel on ORT's thread pool.
+#include <cmath>
+#include <string>
+
+#include "cpu/kernels/linear_attention.h"
+#include "cpu/ops/tensor_io.h"
+#include "ops.h"
+
+namespace attnexport {
+namespace {
+
+using cpu::ExpansionPoint;
+using cpu::FeatureMap;
+using cpu::Require;
+using cpu::ShapeString;
+
+constexpr const char* kName = "LinearAttention";
+enum Input { kQ = 0, kK, kV, kKeyPaddingMask, kProjection, kNumInputs };
+
+FeatureMap ParseFeatureMap(const std::string& name) {
+  if (name == "elu1") return FeatureMap::kElu1;
+  if (name == "relu") return FeatureMap::kRelu;
+  if (name == "taylor2") return FeatureMap::kTaylor2;
+  if (name == "favor") return FeatureMap::kFavor;
+  throw InvalidArgument("unknown feature_map '" + name + "' (expected elu1, relu, taylor2 or favor)");
+}
+
+ExpansionPoint ParseExpansionPoint(const std::string& name) {
+  if (name == "zero") return ExpansionPoint::kZero;
+  if (name == "mean") return ExpansionPoint::kMean;
+  if (name == "max") return ExpansionPoint::kMax;
+  throw InvalidArgument("unknown expansion_point '" + name + "' (expected zero, mean or max)");
+}
+
+struct LinearAttentionKernel {
+  LinearAttentionKernel(const OrtApi&, const OrtKernelInfo* info) {
+    scale_ = FloatAttribute(info, "scale", std::nanf(""));
+    eps_ = FloatAttribute(info, "eps", 1e-6f);
+    causal_ = IntAttribute(info, "causal", 0) != 0;
+    feature_map_ = ParseFeatureMap(StringAttribute(info, "feature_map", "elu1"));
+    expansion_point_ = ParseExpansionPoint(StringAttribute(info, "expansion_point", "zero"));
+    Require(eps_ >= 0.f, "eps must be >= 0");
+  }
+
+  void Compute(OrtKernelContext* raw_context) {
+    Ort::KernelContext ctx(raw_context);
+    auto q = ctx.GetInput(kQ), k = ctx.GetInput(kK), v = ctx.GetInput(kV);
+    const auto q_shape = q.GetTensorTypeAndShapeInfo().GetShape();
+    const auto k_shape = k.GetTensorTypeAndShapeInfo().GetShape();
+    const auto v_shape = v.GetTensorTypeAndShapeInfo().GetShape();
+    const auto dtype = q.GetTensorTypeAndShapeInfo().GetElementType();
+    Require(q_shape.size() == 4 && k_shape.size() == 4 && v_shape.size() == 4,
+            "Q, K, V must be 4-D [B, H, S, D]; got Q " + ShapeString(q_shape) + ", K " + ShapeString(k_shape) +
+                ", V " + ShapeString(v_shape));
+    Require(k.GetTensorTypeAndShapeInfo().GetElementType() == dtype &&
+                v.GetTensorTypeAndShapeInfo().GetElementType() == dtype,
+            "Q, K and V must have the same element type");
+
+    cpu::LinearAttentionProblem p;
+    p.batch = q_shape[0];
+    p.q_heads = q_shape[1];
+    p.q_len = q_shape[2];
+    p.head_dim = q_shape[3];
+    p.kv_heads = k_shape[1];
+    p.kv_len = k_shape[2];
+    p.value_dim = v_shape[3];
+    Require(k_shape[0] == p.batch && v_shape[0] == p.batch, "Q, K, V batch sizes differ: Q " + ShapeString(q_shape) +
+                                                                 ", K " + ShapeString(k_shape) + ", V " + ShapeString(v_shape));
+    Require(k_shape[3] == p.head_dim, "K head dim " + std::to_string(k_shape[3]) + " != Q head dim " +
+                                          std::to_string(p.head_dim));
+    Require(v_shape[1] == p.kv_heads && v_shape[2] == p.kv_len,
+            "V " + ShapeString(v_shape) + " does not match K " + ShapeString(k_shape) + " in heads or length");
+    Require(p.kv_heads > 0 && p.q_heads % p.kv_heads == 0,
+            "query heads (" + std::to_string(p.q_heads) + ") must be a multiple of kv heads (" +
+                std::to_string(p.kv_heads) + ")");
+    p.scale = std::isnan(scale_) ? 1.0f / std::sqrt(static_cast<float>(p.head_dim)) : scale_;
+    p.eps = eps_;
+    p.causal = causal_;
+    p.feature_map = feature_map_;
+    p.expansion_point = expansion_point_;
+
+    cpu::ScratchArena arena;
+    cpu::LinearAttentionTensors t;
+    t.q = cpu::AsFloat32(q, arena);
+    t.k = cpu::AsFloat32(k, arena);
+    t.v = cpu::AsFloat32(v, arena);
+    if (cpu::IsPresent(ctx, kKeyPaddingMask)) {
+      auto mask = ctx.GetInput(kKeyPaddingMask);
+      const auto m_shape = mask.GetTensorTypeAndShapeInfo().GetShape();
+      Require(mask.GetTensorTypeAndShapeInfo().GetElementType() == ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL,
+              "key_padding_mask must be bool");
+      Require(m_shape.size() == 2 && m_shape[0] == p.batch && m_shape[1] == p.kv_len,
+              "key_padding_mask must be [B, Skv] = [" + std::to_string(p.batch) + ", " + std::to_string(p.kv_len) +
+                  "]; got " + ShapeString(m_shape));
+      t.key_padding_mask = mask.GetTensorData<bool>();
+    }
+    if (p.feature_map == FeatureMap::kFavor) {
+      Require(cpu::IsPresent(ctx, kProjection), "feature_map 'favor' needs the projection input W [Dk, F]");
+      auto w = ctx.GetInput(kProjection);
+      const auto w_shape = w.GetTensorTypeAndShapeInfo().GetShape();
+      Require(w_shape.size() == 2 && w_shape[0] == p.head_dim && w_shape[1] > 0,
+              "projection must be [Dk, F] with Dk = " + std::to_string(p.head_dim) + "; got " + ShapeString(w_shape));
+      p.num_features = w_shape[1];
+      t.projection = cpu::AsFloat32(w, arena);
+    }
+
+    const std::vector<int64_t> y_shape = {p.batch, p.q_heads, p.q_len, p.value_dim};
+    auto y = ctx.GetOutput(0, y_shape);
+    const int64_t y_count = cpu::ElementCount(y_shape);
+    float* y32 = dtype == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT
+                     ? y.GetTensorMutableData<float>()
+                     : static_cast<float*>(arena.Allocate(static_cast<size_t>(y_count) * sizeof(float)));
+    t.y = y32;
+    if (y_count > 0) {
+      ATTNEXPORT_ISA_DISPATCH(LinearAttentionForward)(p, t, cpu::PoolOf(raw_context), arena.Handle());
+    }
+    if (dtype == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) {
+      Ort::Float16_t* out = y.GetTensorMutableData<Ort::Float16_t>();
+      for (int64_t i = 0; i < y_count; ++i) out[i] = Ort::Float16_t(y32[i]);
+    }
+  }
+  ATTNEXPORT_COMPUTE_V2(kName)
+
+ private:
+  float scale_;
+  float eps_;
+  bool causal_;
+  FeatureMap feature_map_;
+  ExpansionPoint expansion_point_;
+};
+
+struct LinearAttentionOp : OpBase<LinearAttentionOp, LinearAttentionKernel> {
+  const char* GetName() const { return kName; }
+  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+  size_t GetInputTypeCount() const { return kNumInputs; }
+  ONNXTensorElementDataType GetInputType(size_t index) const {
+    return index == kKeyPaddingMask ? ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL : ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
+    return index >= kKeyPaddingMask ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED; }
+
+  // Y = [B, Hq, Sq, Dv]: batch, heads and length of Q, value dim of V.
+  static Ort::Status InferOutputShape(Ort::ShapeInferContext& ctx) {
+    auto q = ctx.GetInputShape(kQ);
+    auto v = ctx.GetInputShape(kV);
+    if (q.size() != 4 || v.size() != 4) return Ort::Status("LinearAttention: Q and V must be 4-D", ORT_INVALID_ARGUMENT);
+    Ort::ShapeInferContext::Shape y = {q[0], q[1], q[2], v[3]};
+    ctx.SetOutputShape(0, y);
+    return Ort::Status(nullptr);
+  }
+};
+
+}  // namespace
+
+const OrtCustomOp* LinearAttentionCpuOp() {
+  static const LinearAttentionOp op;
+  return &op;
+}
+
+}  // namespace attnexport

@@ -1,0 +1,15 @@
+// Every operator of the attnexport domain, per execution provider. register.cc adds them all.
+#pragma once
+#include "common/ort_api.h"
+
+namespace attnexport {
+
+// CPU kernels (cpu/ops/*.cc)
+const OrtCustomOp* LinearAttentionCpuOp();
+
+#if defined(ATTNEXPORT_WITH_CUDA)
+// CUDA kernels (cuda/*.cu)
+const OrtCustomOp* LinearAttentionCudaOp();
+#endif
+
+}  // namespace attnexport
