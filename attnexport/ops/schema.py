@@ -1,0 +1,126 @@
+"""Schemas of the attnexport operators: inputs, outputs and attributes with their defaults.
+
+One schema per op is the single description that the rewriter (which emits nodes), the ONNX
+function builder (which gives the op reference semantics), the CLI (which documents options) and the
+tests share. The C++ kernels implement the same list (custom_ops/cpu/ops/*_op.cc).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+DOMAIN = "attnexport"
+DOMAIN_VERSION = 1
+
+
+@dataclass(frozen=True)
+class AttributeSpec:
+    name: str
+    kind: str  # "float", "int" or "string"
+    default: Any
+    doc: str
+    choices: tuple[Any, ...] = ()
+
+    def check(self, value: Any) -> Any:
+        if self.kind == "float":
+            value = float(value)
+        elif self.kind == "int":
+            if isinstance(value, bool):
+                value = int(value)
+            if not isinstance(value, int):
+                raise ValueError(f"attribute {self.name} must be an int, got {value!r}")
+        elif self.kind == "string":
+            if not isinstance(value, str):
+                raise ValueError(f"attribute {self.name} must be a string, got {value!r}")
+        if self.choices and value not in self.choices:
+            raise ValueError(f"attribute {self.name}={value!r} is not one of {', '.join(map(str, self.choices))}")
+        return value
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    doc: str
+    optional: bool = False
+
+
+@dataclass(frozen=True)
+class OpSchema:
+    name: str
+    doc: str
+    inputs: tuple[InputSpec, ...]
+    outputs: tuple[InputSpec, ...]
+    attributes: tuple[AttributeSpec, ...] = field(default_factory=tuple)
+
+    def attribute(self, name: str) -> AttributeSpec:
+        for spec in self.attributes:
+            if spec.name == name:
+                return spec
+        raise KeyError(f"{self.name} has no attribute {name!r}")
+
+    def input_index(self, name: str) -> int:
+        for i, spec in enumerate(self.inputs):
+            if spec.name == name:
+                return i
+        raise KeyError(f"{self.name} has no input {name!r}")
+
+    def complete_attributes(self, **values: Any) -> dict[str, Any]:
+        """Every attribute with a value: the given ones checked, the others at their defaults.
+
+        Nodes are always written with all attributes explicit, so a converted model says exactly
+        what it computes whatever defaults a reader assumes.
+        """
+        unknown = set(values) - {a.name for a in self.attributes}
+        if unknown:
+            raise ValueError(f"{self.name} has no attribute(s) {', '.join(sorted(unknown))}")
+        out = {}
+        for spec in self.attributes:
+            out[spec.name] = spec.check(values[spec.name]) if spec.name in values else spec.default
+        return out
+
+
+# `scale` defaults to NaN, read as "1/sqrt(Dk)": the default depends on the input shape, and NaN is
+# never a meaningful scale, so kernels and functions treat absent and NaN alike.
+SCALE = AttributeSpec("scale", "float", math.nan, "logits are scale * q.k; NaN or absent means 1/sqrt(Dk)")
+CAUSAL = AttributeSpec(
+    "causal", "int", 0, "1: query i sees key j iff j <= i + (Skv - Sq) (bottom-right aligned)", (0, 1)
+)
+
+LINEAR_ATTENTION = OpSchema(
+    name="LinearAttention",
+    doc=(
+        "y_i = sum_j phi(q~_i).phi(k~_j) v_j / (sum_j phi(q~_i).phi(k~_j) + eps) over visible keys j, "
+        "q~ = sqrt(scale) q, k~ = sqrt(scale) k."
+    ),
+    inputs=(
+        InputSpec("Q", "[B, Hq, Sq, Dk]"),
+        InputSpec("K", "[B, Hkv, Skv, Dk]"),
+        InputSpec("V", "[B, Hkv, Skv, Dv]"),
+        InputSpec("key_padding_mask", "[B, Skv] bool, true = attend", optional=True),
+        InputSpec("projection", "[Dk, F] float: Performer's random features (feature_map=favor)", optional=True),
+    ),
+    outputs=(InputSpec("Y", "[B, Hq, Sq, Dv]"),),
+    attributes=(
+        SCALE,
+        CAUSAL,
+        AttributeSpec(
+            "feature_map",
+            "string",
+            "elu1",
+            "elu1: elu(x)+1; relu; taylor2: [1, x, vec(xx^T)/sqrt2]; favor: exp(W^T x - |x|^2/2)/sqrt(F)",
+            ("elu1", "relu", "taylor2", "favor"),
+        ),
+        AttributeSpec("eps", "float", 1e-6, "added to the normaliser"),
+        AttributeSpec(
+            "expansion_point",
+            "string",
+            "zero",
+            "taylor2: expand exp around 0, the row's mean visible logit, or its maximum (quadratic cost)",
+            ("zero", "mean", "max"),
+        ),
+    ),
+)
+
+SCHEMAS: dict[str, OpSchema] = {LINEAR_ATTENTION.name: LINEAR_ATTENTION}
