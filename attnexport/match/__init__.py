@@ -1,0 +1,44 @@
+"""Finding attention: every matcher turns the forms it knows into AttentionSites.
+
+    find_sites(model) -> list[AttentionSite]
+
+Candidates come from structure (onnxscript patterns over the graph); one probe run on synthesised (or
+given) inputs confirms them and classifies their masks. A candidate that cannot be represented
+faithfully is still reported, with replaceable=False and the reason.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from attnexport.match import decomposed, onnx_attention
+from attnexport.match.probing import run_probes
+from attnexport.probe import ProbeError
+from attnexport.sites import AttentionSite
+
+MATCHERS = (decomposed.find_candidates, onnx_attention.find_candidates)
+
+
+def find_candidates(model: ir.Model) -> list:
+    candidates = [c for matcher in MATCHERS for c in matcher(model)]
+    order = {id(node): i for i, node in enumerate(model.graph)}
+    candidates.sort(key=lambda c: order.get(id(c.anchor), 0))
+    return candidates
+
+
+def find_sites(model: ir.Model, feeds: dict[str, np.ndarray] | None = None) -> list[AttentionSite]:
+    candidates = find_candidates(model)
+    if not candidates:
+        return []
+    try:
+        base, padded = run_probes(model, candidates, feeds)
+    except ProbeError as e:
+        sites = []
+        for i, c in enumerate(candidates):
+            site = c.unprobed_site(i)
+            site.replaceable = False
+            site.reason = f"not confirmed: {e}; pass real inputs with --inputs"
+            sites.append(site)
+        return sites
+    return [c.build_site(i, base, padded) for i, c in enumerate(candidates)]

@@ -1,0 +1,66 @@
+"""Probe runs for matchers: feeds at one or two sequence lengths (all-ones masks), plus variants with
+a 2-D mask input partly zeroed, and the values every candidate asks for, evaluated once per feed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from attnexport import inputs, probe
+
+PROBE_LENGTHS = (7, 12)  # distinct from typical head counts and head dims, and from each other
+
+
+@dataclass
+class ProbeRun:
+    feeds: dict[str, np.ndarray]
+    values: dict[str, np.ndarray] = field(default_factory=dict)
+    padded_input: str | None = None  # the 2-D mask input zeroed in this run (padded runs only)
+
+
+def base_feeds(model: ir.Model, user_feeds: dict[str, np.ndarray] | None = None) -> list[dict[str, np.ndarray]]:
+    if user_feeds is not None:
+        return [user_feeds]
+    if inputs.has_dynamic_sequence(model):
+        return [inputs.synthesize(model, inputs.ProbeShape(batch=2, seq_len=n)) for n in PROBE_LENGTHS]
+    return [inputs.synthesize(model)]
+
+
+def padded_variants(model: ir.Model, feeds: dict[str, np.ndarray]) -> list[tuple[str, dict[str, np.ndarray]]]:
+    """For every 2-D mask-like input: the feed with its last keys zeroed in batch 0 (right padding) and
+    its first keys zeroed in batch 1 (left padding)."""
+    variants = []
+    for spec in inputs.signature(model):
+        if not inputs.is_mask_input(spec) or spec.name not in feeds:
+            continue
+        flags = np.array(feeds[spec.name], copy=True)
+        batch, length = flags.shape
+        if length < 2:
+            continue
+        cut = max(1, length // 4)
+        flags[0, length - cut:] = 0
+        if batch > 1:
+            flags[1, : cut + 1] = 0
+        variant = dict(feeds)
+        variant[spec.name] = flags
+        variants.append((spec.name, variant))
+    return variants
+
+
+def run_probes(model: ir.Model, candidates, user_feeds=None) -> tuple[list[ProbeRun], list[ProbeRun]]:
+    """Evaluate what the candidates need on base feeds, and their masks on padded variants."""
+    needed = list(dict.fromkeys(name for c in candidates for name in c.values_needed()))
+    mask_needed = list(dict.fromkeys(name for c in candidates for name in c.mask_values()))
+    base = []
+    for feeds in base_feeds(model, user_feeds):
+        base.append(ProbeRun(feeds, probe.evaluate(model, needed, feeds)))
+    padded = []
+    if mask_needed:
+        for name, feeds in padded_variants(model, base[0].feeds):
+            # The logits' shape comes along so that masks can be broadcast to it.
+            extra = [c.core.raw_scores.name for c in candidates if hasattr(c, "core")]
+            values = probe.evaluate(model, mask_needed + extra, feeds)
+            padded.append(ProbeRun(feeds, values, padded_input=name))
+    return base, padded
