@@ -146,16 +146,17 @@ class FunctionBuilder:
 
     # -- control flow ----------------------------------------------------------------------------
 
-    def subgraph(self, name: str, body: Callable[..., Sequence[str]], inputs: Sequence[tuple[str, int]] = (),
+    def subgraph(self, name: str, body: Callable[..., Sequence[str]],
+                 inputs: Sequence[tuple[str, int, Sequence[int] | None]] = (),
                  output_types: Sequence[int] = ()) -> onnx.GraphProto:
         """Build a subgraph: `body(*input_names)` emits nodes and returns the output names.
 
-        Outputs are typed with `output_types` (element types, shapes unknown); an output that is an
+        `inputs` are (name hint, element type, shape or None). Outputs are typed with `output_types` (element types, shapes unknown); an output that is an
         input or an outer-scope name is passed through an Identity, as a graph output must be produced
         inside the graph.
         """
         self._scopes.append([])
-        input_names = [self.fresh(hint) for hint, _ in inputs]
+        input_names = [self.fresh(hint) for hint, _, _ in inputs]
         try:
             outs = list(body(*input_names))
             local = {o for n in self._scopes[-1] for o in n.output}
@@ -167,7 +168,7 @@ class FunctionBuilder:
         return helper.make_graph(
             nodes,
             self.fresh(name),
-            [helper.make_tensor_value_info(n, t, None) for n, (_, t) in zip(input_names, inputs)],
+            [helper.make_tensor_value_info(n, t, shape) for n, (_, t, shape) in zip(input_names, inputs)],
             [helper.make_tensor_value_info(n, t, None) for n, t in zip(outs, output_types)],
         )
 
@@ -219,9 +220,11 @@ class FunctionBuilder:
         def loop_body(i: str, cond: str, *state: str) -> list[str]:
             return [self.op("Identity", cond), *body(i, *state)]
 
-        graph = self.subgraph("loop_body", loop_body, inputs=[("iter", INT64), ("cond", BOOL)] +
-                              [("state", t) for t in types], output_types=[BOOL, *types])
-        outs = self.op("Loop", trip_count, None, *initial, outputs=len(initial), body=graph)
+        # ONNX Runtime wants the shapes of the iteration number and the condition (scalars).
+        graph = self.subgraph("loop_body", loop_body, inputs=[("iter", INT64, []), ("cond", BOOL, [])] +
+                              [("state", t, None) for t in types], output_types=[BOOL, *types])
+        # An explicit `true` condition: onnx.reference reads an omitted one as false (zero iterations).
+        outs = self.op("Loop", trip_count, self.const(True, BOOL), *initial, outputs=len(initial), body=graph)
         return [outs] if isinstance(outs, str) else outs
 
     # -- the function ----------------------------------------------------------------------------
