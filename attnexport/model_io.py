@@ -90,11 +90,13 @@ def check_output_path(input_path: str | os.PathLike, output_path: str | os.PathL
 
 
 def save_atomic(model: ir.Model, output_path: str | os.PathLike, *, external_data: bool | None = None,
-                size_threshold_bytes: int = 1024) -> None:
+                size_threshold_bytes: int = 1024, validate=None) -> None:
     """Write `model` to output_path atomically: to temporary files beside it, then renamed into place.
 
     external_data: True writes initializers to `<name>.data` beside the model; None does so when the
     model already had external data or would exceed protobuf's 2 GB limit.
+    validate: called with the temporary model path before anything is renamed; if it raises, nothing
+    is written.
     """
     dst = Path(output_path)
     if external_data is None:
@@ -115,15 +117,36 @@ def save_atomic(model: ir.Model, output_path: str | os.PathLike, *, external_dat
                         entry.value = data_name
             with open(tmp_model, "wb") as f:
                 f.write(proto.SerializeToString())
+            if validate is not None:
+                _validate_with_data(validate, tmp_model, tmp_data, data_name)
             os.replace(tmp_data, dst.parent / data_name)
         else:
             ir.save(model, tmp_model)
+            if validate is not None:
+                validate(tmp_model)
         os.replace(tmp_model, dst)
     except BaseException:
         for leftover in (Path(tmp_model), tmp_data):
             if leftover.exists():
                 leftover.unlink()
         raise
+
+
+def _validate_with_data(validate, tmp_model: str, tmp_data: Path, data_name: str) -> None:
+    """Validate before renaming anything: a copy of the model that names the temporary data file."""
+    proto = onnx.load(tmp_model, load_external_data=False)
+    for tensor in _all_tensors(proto):
+        for entry in tensor.external_data:
+            if entry.key == "location" and entry.value == data_name:
+                entry.value = tmp_data.name
+    fd, check_path = tempfile.mkstemp(prefix=".attnexport-check-", suffix=".onnx", dir=tmp_data.parent)
+    os.close(fd)
+    try:
+        with open(check_path, "wb") as f:
+            f.write(proto.SerializeToString())
+        validate(check_path)
+    finally:
+        os.unlink(check_path)
 
 
 def _all_tensors(proto: onnx.ModelProto):

@@ -1,0 +1,110 @@
+"""The Python API: inspect, convert, verify, and an InferenceSession that registers the op library."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+
+from attnexport import model_io, rewrite
+from attnexport.errors import AttnExportError, NoAttentionError
+from attnexport.library import library_path
+from attnexport.match import find_sites
+from attnexport.methods import MethodOptions
+from attnexport.plan import Plan, make_plan
+from attnexport.sites import AttentionSite
+from attnexport.verify import VerifyReport, load_feeds, verify
+
+__all__ = ["ConvertResult", "InferenceSession", "convert", "default_output_path", "inspect", "library_path",
+           "load_feeds", "verify", "VerifyReport"]
+
+Progress = Callable[[str], None]
+
+
+def inspect(model_path: str | Path, *, feeds: dict[str, np.ndarray] | None = None) -> list[AttentionSite]:
+    """Every attention site of the model, replaceable or not (with the reason)."""
+    model = model_io.load(model_path)
+    return find_sites(model, feeds)
+
+
+@dataclass
+class ConvertResult:
+    input_path: str
+    output_path: str | None  # None for a dry run
+    plan: Plan
+    sites: list[AttentionSite]
+
+    @property
+    def replaced(self) -> int:
+        return len(self.plan.selected)
+
+
+def default_output_path(input_path: str | Path, method: str) -> Path:
+    path = Path(input_path)
+    return path.with_name(f"{path.stem}.{method}.onnx")
+
+
+def convert(model_path: str | Path, output_path: str | Path | None = None, *, method: str = "linear",
+            options: MethodOptions | None = None, layers: str | None = None, min_seq_len: int | None = None,
+            feeds: dict[str, np.ndarray] | None = None, dry_run: bool = False,
+            progress: Progress | None = None) -> ConvertResult:
+    """Replace the model's softmax attention by `method`; write the result atomically next to (never
+    over) the input. Raises NoAttentionError (and writes nothing) when no site can be replaced."""
+    say = progress or (lambda _: None)
+    output = Path(output_path) if output_path is not None else default_output_path(model_path, method)
+    if not dry_run:
+        output = model_io.check_output_path(model_path, output)
+    say("loading the model")
+    model = model_io.load(model_path)
+    signature = _signature(model)
+    say("finding attention (one probe run)")
+    sites = find_sites(model, feeds)
+    if not sites:
+        raise NoAttentionError(f"{model_path}: no softmax attention found; nothing written")
+    plan = make_plan(sites, method, options, layers=layers, min_seq_len=min_seq_len)
+    if not plan.selected:
+        reasons = "; ".join(sorted({f"{p.skip_reason}" for p in plan.sites}))
+        raise NoAttentionError(f"{model_path}: none of the {len(sites)} attention sites can be replaced by "
+                               f"'{method}' ({reasons}); nothing written")
+    if dry_run:
+        return ConvertResult(str(model_path), None, plan, sites)
+    say(f"replacing {len(plan.selected)} of {len(sites)} sites")
+    rewrite.apply(model, plan)
+    if _signature(model) != signature:
+        raise AttnExportError("internal error: the rewrite changed the graph's inputs or outputs; nothing written")
+    say("checking and writing")
+    model_io.save_atomic(model, output, validate=_check_model_file)
+    return ConvertResult(str(model_path), str(output), plan, sites)
+
+
+def _signature(model: ir.Model):
+    return ([(v.name, v.dtype, str(v.shape)) for v in model.graph.inputs],
+            [(v.name, v.dtype) for v in model.graph.outputs])
+
+
+def _check_model_file(path: str) -> None:
+    """The onnx checker (with shape inference) must pass on what we write."""
+    try:
+        onnx.checker.check_model(path, full_check=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise AttnExportError(f"internal error: the converted model fails the onnx checker ({first}); nothing written") from None
+
+
+class InferenceSession(ort.InferenceSession):
+    """onnxruntime.InferenceSession with the attnexport op library registered.
+
+    Without the library a converted model still runs (ORT inlines each op's reference function), but
+    slowly; this registers the kernels for CPU (and CUDA when the library was built with it).
+    """
+
+    def __init__(self, path_or_bytes, sess_options: ort.SessionOptions | None = None,
+                 providers: Sequence[str] | None = None, **kwargs):
+        options = sess_options or ort.SessionOptions()
+        options.register_custom_ops_library(library_path())
+        super().__init__(path_or_bytes, options, providers=list(providers or ["CPUExecutionProvider"]), **kwargs)

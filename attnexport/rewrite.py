@@ -1,0 +1,171 @@
+"""Rewrite: replace each planned site by one op of the attnexport domain, drop what became dead, attach
+the ops' reference functions and record the plan in the model's metadata.
+
+The replacement's output takes over the *name* of the value it replaces, so an attention site's output
+has the same name in the original and the converted model (verify compares them by that name).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
+
+from attnexport import __version__
+from attnexport.ops.schema import DOMAIN, DOMAIN_VERSION
+from attnexport.plan import Plan, SitePlan
+from attnexport.sites import Operand
+
+METADATA_PLAN = "attnexport.plan"
+METADATA_VERSION = "attnexport.version"
+
+
+class _Graph:
+    """Name lookups and node insertion for one rewrite pass."""
+
+    def __init__(self, model: ir.Model):
+        self.model = model
+        self.graph = model.graph
+        self.values: dict[str, ir.Value] = {}
+        for value in self.graph.inputs:
+            self.values[value.name] = value
+        for name, value in self.graph.initializers.items():
+            self.values[name] = value
+        for node in self.graph:
+            for out in node.outputs:
+                if out.name:
+                    self.values[out.name] = out
+        self._bool_masks: dict[str, ir.Value] = {}
+        self._counter = 0
+
+    def value(self, name: str) -> ir.Value:
+        if name not in self.values:
+            raise KeyError(f"value {name!r} is not in the graph")
+        return self.values[name]
+
+    def fresh(self, stem: str) -> str:
+        while True:
+            self._counter += 1
+            name = f"attnexport/{stem}_{self._counter}"
+            if name not in self.values:
+                return name
+
+    def initializer(self, stem: str, array: np.ndarray) -> ir.Value:
+        name = self.fresh(stem)
+        value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+        self.graph.register_initializer(value)
+        self.values[name] = value
+        return value
+
+    def node(self, op_type: str, inputs, attributes=None, *, domain: str = "", stem: str | None = None) -> ir.Node:
+        node = ir.node(op_type, inputs, attributes or {}, domain=domain, name=self.fresh(stem or op_type))
+        for out in node.outputs:
+            out.name = self.fresh((stem or op_type) + "_out")
+            self.values[out.name] = out
+        return node
+
+    def key_padding_flags(self, input_name: str) -> tuple[ir.Value, list[ir.Node]]:
+        """A bool [B, Skv] value from a graph input (cast once, shared by every site)."""
+        if input_name in self._bool_masks:
+            return self._bool_masks[input_name], []
+        source = self.value(input_name)
+        if source.dtype == ir.DataType.BOOL:
+            self._bool_masks[input_name] = source
+            return source, []
+        cast = self.node("Cast", [source], {"to": ir.DataType.BOOL}, stem="key_padding_mask")
+        self._bool_masks[input_name] = cast.outputs[0]
+        return cast.outputs[0], [cast]
+
+
+def _to_bhsd(g: _Graph, operand: Operand, stem: str) -> tuple[ir.Value, list[ir.Node]]:
+    value = g.value(operand.value)
+    nodes: list[ir.Node] = []
+    if operand.packed_heads is not None:
+        shape = g.initializer(f"{stem}_heads_shape", np.array([0, 0, operand.packed_heads, -1], dtype=np.int64))
+        reshape = g.node("Reshape", [value, shape], stem=f"{stem}_split_heads")
+        transpose = g.node("Transpose", [reshape.outputs[0]], {"perm": [0, 2, 1, 3]}, stem=f"{stem}_bhsd")
+        return transpose.outputs[0], [reshape, transpose]
+    if operand.perm is not None:
+        transpose = g.node("Transpose", [value], {"perm": list(operand.perm)}, stem=f"{stem}_bhsd")
+        nodes.append(transpose)
+        value = transpose.outputs[0]
+    return value, nodes
+
+
+def _from_bhsd(g: _Graph, y: ir.Value, layout: str, stem: str) -> tuple[ir.Value, list[ir.Node]]:
+    if layout == "bhsd":
+        return y, []
+    if layout == "bsd":  # [B, H, S, Dv] -> [B, S, H*Dv]
+        transpose = g.node("Transpose", [y], {"perm": [0, 2, 1, 3]}, stem=f"{stem}_bshd")
+        shape = g.initializer(f"{stem}_merge_shape", np.array([0, 0, -1], dtype=np.int64))
+        reshape = g.node("Reshape", [transpose.outputs[0], shape], stem=f"{stem}_merge_heads")
+        return reshape.outputs[0], [transpose, reshape]
+    if layout == "bh_merged":  # [B, H, S, Dv] -> [B*H, S, Dv]
+        tail = g.node("Shape", [y], {"start": 2}, stem=f"{stem}_tail_shape")
+        minus_one = g.initializer(f"{stem}_minus_one", np.array([-1], dtype=np.int64))
+        shape = g.node("Concat", [minus_one, tail.outputs[0]], {"axis": 0}, stem=f"{stem}_merged_shape")
+        reshape = g.node("Reshape", [y, shape.outputs[0]], stem=f"{stem}_merge_batch_heads")
+        return reshape.outputs[0], [tail, shape, reshape]
+    raise ValueError(f"unknown output layout {layout!r}")
+
+
+def _replace_site(g: _Graph, site_plan: SitePlan) -> None:
+    site = site_plan.site
+    replacement = site_plan.replacement
+    stem = f"site{site.index}"
+    new_nodes: list[ir.Node] = []
+    q, nodes = _to_bhsd(g, site.q, f"{stem}_q")
+    new_nodes += nodes
+    k, nodes = _to_bhsd(g, site.k, f"{stem}_k")
+    new_nodes += nodes
+    v, nodes = _to_bhsd(g, site.v, f"{stem}_v")
+    new_nodes += nodes
+    inputs: dict[str, ir.Value | None] = {"Q": q, "K": k, "V": v}
+    if site.mask.key_padding_input:
+        flags, nodes = g.key_padding_flags(site.mask.key_padding_input)
+        inputs["key_padding_mask"] = flags
+        new_nodes += nodes
+    for name, array in replacement.extra_inputs.items():
+        inputs[name] = g.initializer(f"{stem}_{name}", array)
+    schema = replacement.op
+    ordered = [inputs.get(spec.name) for spec in schema.inputs]
+    while ordered and ordered[-1] is None:
+        ordered.pop()
+    op = g.node(schema.name, ordered, replacement.attributes, domain=DOMAIN, stem=f"{stem}_{schema.name}")
+    new_nodes.append(op)
+    y, nodes = _from_bhsd(g, op.outputs[0], site.output_layout, stem)
+    new_nodes += nodes
+
+    old = g.value(site.output)
+    anchor = old.producer()
+    g.graph.insert_after(anchor, new_nodes)
+    ir.convenience.replace_all_uses_with(old, y, replace_graph_outputs=True)
+    # The replacement takes over the replaced value's name (graph outputs keep theirs, and verify can
+    # find the site's output by name in both models).
+    name = old.name
+    old.name = g.fresh(f"{stem}_replaced")
+    y.name = name
+    g.values[name] = y
+
+
+def apply(model: ir.Model, plan: Plan) -> ir.Model:
+    """Rewrite `model` in place by `plan`, attach op functions, record the plan; returns `model`."""
+    from attnexport.ops.functions import attach_functions
+
+    g = _Graph(model)
+    for site_plan in plan.selected:
+        _replace_site(g, site_plan)
+    RemoveUnusedNodesPass()(model)
+    TopologicalSortPass()(model)
+    model.opset_imports[DOMAIN] = DOMAIN_VERSION
+    attach_functions(model)
+    model.metadata_props[METADATA_PLAN] = plan.to_json()
+    model.metadata_props[METADATA_VERSION] = __version__
+    return model
+
+
+def recorded_plan(model: ir.Model) -> dict | None:
+    text = model.metadata_props.get(METADATA_PLAN)
+    return json.loads(text) if text else None
