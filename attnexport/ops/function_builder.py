@@ -46,6 +46,19 @@ _REDUCE_AXES_INPUT_SINCE = {"ReduceSum": 13}  # every other Reduce*: 18
 
 
 @dataclass(frozen=True)
+class Placeholder:
+    """What `attach_functions` passes for an absent optional input that a shared function body reads.
+
+    kind "true_mask": a bool tensor of `true`, shaped like dims `dims` of input `source`'s shape;
+    kind "zeros": a [1, 1] tensor of zeros of input `source`'s element type (a value the op ignores).
+    """
+
+    kind: str
+    source: str
+    dims: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
 class Ref:
     """An attribute of the enclosing function, used as an attribute of a body node (`@name`)."""
 

@@ -30,7 +30,7 @@ from onnx import TensorProto, helper
 
 from attnexport.errors import UnsupportedError
 from attnexport.ops import reference as _reference
-from attnexport.ops.function_builder import BOOL, FLOAT, INT64, MIN_ML_OPSET, FunctionBuilder
+from attnexport.ops.function_builder import BOOL, FLOAT, INT64, MIN_ML_OPSET, FunctionBuilder, Placeholder
 from attnexport.ops.schema import DOMAIN, LINEAR_ATTENTION
 
 SCHEMA = LINEAR_ATTENTION
@@ -59,6 +59,8 @@ class Variant:
         dtype (element type of Q). Other keys (scale, causal, eps, ...) are ignored."""
         feature_map = SCHEMA.attribute("feature_map").check(values.get("feature_map", "elu1"))
         expansion_point = SCHEMA.attribute("expansion_point").check(values.get("expansion_point", "zero"))
+        if feature_map == "favor" and not values.get("projection", False):
+            raise UnsupportedError("LinearAttention with feature_map 'favor' needs the projection input W [Dk, F]")
         dtype = values.get("dtype")
         if dtype is not None and dtype not in _FLOAT_TYPES:
             raise UnsupportedError(
@@ -67,6 +69,20 @@ class Variant:
             )
         return cls(feature_map, expansion_point, bool(values.get("key_padding_mask", False)),
                    bool(values.get("projection", False)), dtype)
+
+
+def placeholders(variants: Iterable[Mapping[str, Any]]) -> dict[str, Placeholder]:
+    """Optional inputs that nodes lacking them must be given so one function body serves them all:
+    key_padding_mask (all keys visible) when only some nodes pass one; projection (zeros, ignored
+    unless favor) when some node uses favor (the favor branch reads it). Raises UnsupportedError
+    for an invalid configuration."""
+    vs = [Variant.of(v) for v in variants]
+    needed = {}
+    if len({v.key_padding_mask for v in vs}) > 1:
+        needed["key_padding_mask"] = Placeholder("true_mask", "K", (0, 2))
+    if any(v.feature_map == "favor" for v in vs) and not all(v.projection for v in vs):
+        needed["projection"] = Placeholder("zeros", "Q")
+    return needed
 
 
 def build_function(opset: int, variants: Iterable[Mapping[str, Any]], *, ml_opset: int = MIN_ML_OPSET
