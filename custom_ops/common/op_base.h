@@ -79,6 +79,21 @@ inline std::string StringAttribute(const OrtKernelInfo* info, const char* name, 
 // (const OrtApi&, const OrtKernelInfo*) and a void Compute(OrtKernelContext*) that may throw.
 template <typename TOp, typename TKernel>
 struct OpBase : Ort::CustomOpBase<TOp, TKernel, /*WithStatus=*/true> {
+  // Ops declare `static OrtStatusPtr InferShapes(OrtShapeInferContext*)` (see shape_inference.h).
+  OpBase() { UseInferShapes<TOp>(0); }
+
+ private:
+  template <typename C>
+  auto UseInferShapes(int) -> decltype(&C::InferShapes, void()) {
+    OrtCustomOp::InferOutputShapeFn = [](const OrtCustomOp*, OrtShapeInferContext* ctx) -> OrtStatusPtr {
+      return C::InferShapes(ctx);
+    };
+  }
+  template <typename C>
+  void UseInferShapes(...) {}
+
+ public:
+
   OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
     return Guarded(static_cast<const TOp*>(this)->GetName(), [&] { *kernel = new TKernel(api, info); });
   }
