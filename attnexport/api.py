@@ -18,7 +18,7 @@ from attnexport.match import find_sites
 from attnexport.methods import MethodOptions
 from attnexport.plan import Plan, make_plan
 from attnexport.sites import AttentionSite
-from attnexport.verify import VerifyReport, load_feeds, verify
+from attnexport.verification import VerifyReport, load_feeds, verify
 
 __all__ = ["ConvertResult", "InferenceSession", "convert", "default_output_path", "inspect", "library_path",
            "load_feeds", "verify", "VerifyReport"]

@@ -54,7 +54,7 @@ def main(ctx, debug):
 def _feeds(inputs_path):
     if inputs_path is None:
         return None
-    from attnexport.verify import load_feeds
+    from attnexport.verification import load_feeds
 
     return load_feeds(inputs_path)
 
@@ -170,8 +170,8 @@ def convert(model, output, method, feature_map, expansion_point, num_features, s
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable report.")
 def verify(original, converted, inputs_path, seq_len, batch, tolerance, threads, as_json):
     """Compare ORIGINAL and CONVERTED: kernels vs reference functions vs the original, per site and output."""
-    from attnexport.verify import raise_if_failed
-    from attnexport.verify import verify as run_verify
+    from attnexport.verification import raise_if_failed
+    from attnexport.verification import verify as run_verify
 
     report = run_verify(original, converted, feeds=_feeds(inputs_path), seq_len=seq_len, batch=batch,
                         tolerance=tolerance, threads=threads)

@@ -151,3 +151,10 @@ def has_dynamic_sequence(model: ir.Model) -> bool:
         if spec.rank >= 2 and not is_past_input(spec) and not isinstance(spec.shape[1], int):
             return True
     return False
+
+
+def has_dynamic_batch(model: ir.Model) -> bool:
+    for spec in signature(model):
+        if spec.rank >= 1 and not isinstance(spec.shape[0], int):
+            return True
+    return False

@@ -35,8 +35,9 @@ def evaluate(model: ir.Model, names: list[str], feeds: dict[str, np.ndarray], *,
         return out
     proto = model_with_outputs(model, wanted)
     try:
+        # quiet: a failed probe is reported in one line; ORT's own error log would only add noise.
         session = create_session(proto, with_library=with_library, optimize=False,
-                                 base_dir=external_data_dir(model))
+                                 base_dir=external_data_dir(model), quiet=True)
         accepted = {i.name for i in session.get_inputs()}
         values = session.run(wanted, {k: v for k, v in feeds.items() if k in accepted})
     except Exception as e:  # ORT raises its own exception types

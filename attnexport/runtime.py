@@ -14,11 +14,13 @@ from attnexport.library import library_path
 
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
 
+ort.set_default_logger_severity(3)
+
 
 def session_options(*, with_library: bool, threads: int | None = None, optimize: bool = True,
-                    external_data_dir: str | None = None) -> ort.SessionOptions:
+                    external_data_dir: str | None = None, quiet: bool = False) -> ort.SessionOptions:
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4 if quiet else 3
     if threads:
         options.intra_op_num_threads = threads
     if not optimize:
@@ -40,16 +42,16 @@ def external_data_dir(model: ir.Model) -> str | None:
 
 def create_session(model: ir.Model | onnx.ModelProto | str | os.PathLike, *, with_library: bool,
                    providers: Sequence[str] | None = None, threads: int | None = None,
-                   optimize: bool = True, base_dir: str | None = None) -> ort.InferenceSession:
+                   optimize: bool = True, base_dir: str | None = None, quiet: bool = False) -> ort.InferenceSession:
     """A session on `model`. Paths load as ORT loads them (external data beside the file); in-memory
     models keep pointing at their external data through `base_dir` (or the model's own base dir)."""
     providers = list(providers or DEFAULT_PROVIDERS)
     if isinstance(model, (str, os.PathLike)):
-        options = session_options(with_library=with_library, threads=threads, optimize=optimize)
+        options = session_options(with_library=with_library, threads=threads, optimize=optimize, quiet=quiet)
         return ort.InferenceSession(str(model), options, providers=providers)
     if isinstance(model, ir.Model):
         base_dir = base_dir or external_data_dir(model)
         model = ir.serde.serialize_model(model)
     options = session_options(with_library=with_library, threads=threads, optimize=optimize,
-                              external_data_dir=base_dir)
+                              external_data_dir=base_dir, quiet=quiet)
     return ort.InferenceSession(model.SerializeToString(), options, providers=providers)

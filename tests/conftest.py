@@ -16,3 +16,20 @@ def pytest_report_header(config):
 @pytest.fixture(scope="session")
 def op_library() -> str:
     return attnexport.library_path()
+
+
+@pytest.fixture(scope="session")
+def zoo_model(tmp_path_factory):
+    """zoo_model(arch, exporter) -> path of a small random transformers model exported to ONNX (cached)."""
+    from attnexport import zoo
+
+    cache: dict[tuple[str, str], str] = {}
+    root = tmp_path_factory.mktemp("zoo")
+
+    def get(arch: str, exporter: str) -> str:
+        key = (arch, exporter)
+        if key not in cache:
+            cache[key] = zoo.export(arch, exporter, root / f"{arch}_{exporter}.onnx")
+        return cache[key]
+
+    return get

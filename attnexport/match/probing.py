@@ -20,12 +20,13 @@ class ProbeRun:
     padded_input: str | None = None  # the 2-D mask input zeroed in this run (padded runs only)
 
 
-def base_feeds(model: ir.Model, user_feeds: dict[str, np.ndarray] | None = None) -> list[dict[str, np.ndarray]]:
+def base_feeds(model: ir.Model, user_feeds: dict[str, np.ndarray] | None = None, *,
+               batch: int = 2) -> list[dict[str, np.ndarray]]:
     if user_feeds is not None:
         return [user_feeds]
     if inputs.has_dynamic_sequence(model):
-        return [inputs.synthesize(model, inputs.ProbeShape(batch=2, seq_len=n)) for n in PROBE_LENGTHS]
-    return [inputs.synthesize(model)]
+        return [inputs.synthesize(model, inputs.ProbeShape(batch=batch, seq_len=n)) for n in PROBE_LENGTHS]
+    return [inputs.synthesize(model, inputs.ProbeShape(batch=batch))]
 
 
 def padded_variants(model: ir.Model, feeds: dict[str, np.ndarray]) -> list[tuple[str, dict[str, np.ndarray]]]:
@@ -54,8 +55,15 @@ def run_probes(model: ir.Model, candidates, user_feeds=None) -> tuple[list[Probe
     needed = list(dict.fromkeys(name for c in candidates for name in c.values_needed()))
     mask_needed = list(dict.fromkeys(name for c in candidates for name in c.mask_values()))
     base = []
-    for feeds in base_feeds(model, user_feeds):
-        base.append(ProbeRun(feeds, probe.evaluate(model, needed, feeds)))
+    try:
+        for feeds in base_feeds(model, user_feeds):
+            base.append(ProbeRun(feeds, probe.evaluate(model, needed, feeds)))
+    except probe.ProbeError:
+        if user_feeds is not None or not inputs.has_dynamic_batch(model):
+            raise
+        # Some exports run only at batch 1 (e.g. ORT's RotaryEmbedding in dynamo LLaMA exports at
+        # opset 23); probe there rather than give up. Left padding then goes unprobed.
+        base = [ProbeRun(feeds, probe.evaluate(model, needed, feeds)) for feeds in base_feeds(model, batch=1)]
     padded = []
     if mask_needed:
         for name, feeds in padded_variants(model, base[0].feeds):
