@@ -306,11 +306,13 @@ def test_nodes_omitting_attributes_are_completed(op_library):
     so every runtime reads the same values."""
     nodes = [Node(omit=("feature_map", "expansion_point", "causal", "scale", "eps")),
              Node("taylor2", "mean", causal=1, omit=("scale", "eps")),
-             Node("favor", omit=("expansion_point",))]
+             Node("favor", omit=("expansion_point",)),
+             Node("relu", scale=2, causal=True, eps=1)]  # int scale and eps, bool causal: retyped
     model = build(nodes, 17)
     check(model)
+    kinds = {"float": onnx.AttributeProto.FLOAT, "int": onnx.AttributeProto.INT, "string": onnx.AttributeProto.STRING}
     for node in (n for n in model.graph.node if n.op_type == "LinearAttention"):
-        assert {a.name for a in node.attribute} == {a.name for a in la.SCHEMA.attributes}
+        assert {a.name: a.type for a in node.attribute} == {a.name: kinds[a.kind] for a in la.SCHEMA.attributes}
         assert len(node.input) == len(la.SCHEMA.inputs)
     feeds = feeds_for(SHAPES["sq1"])
     refs = [n.reference(feeds) for n in nodes]

@@ -7,8 +7,9 @@ other model-local functions), attach_functions adds (or replaces) one model-loca
 the model's default-domain opset and covering the node configurations present (`REGISTRY` maps an
 op name to the module that builds it). It also:
 
-- completes every attnexport node: all attributes explicit (ONNX Runtime applies a function's
-  attribute defaults to a node that omits one, onnx.reference does not), and all optional inputs
+- completes every attnexport node: all attributes explicit and of the schema's type (ONNX Runtime
+  applies a function's attribute defaults to a node that omits one, onnx.reference does not; an int
+  `scale=1` would not fit the body's `Constant(value_float=@scale)`), and all optional inputs
   listed, absent ones as "" (onnx.reference rejects a call with fewer inputs than the function has);
 - gives a node an absent optional input that the shared function body reads anyway (the op module's
   `placeholders`): a branch that reads an absent input makes the model invalid in ONNX Runtime even
@@ -100,7 +101,13 @@ def _plan(sites: list[_Site], opset: int, ml_opset: int | None) -> list[onnx.Fun
         by_op.setdefault(site.schema.name, []).append(site)
     for op_type, group in by_op.items():
         module = REGISTRY[op_type]
-        needed = getattr(module, "placeholders", lambda variants: {})([s.variant() for s in group])
+        placeholders = getattr(module, "placeholders", lambda variants: {})
+        for site in group:  # an invalid node, named
+            try:
+                placeholders([site.variant()])
+            except UnsupportedError as e:
+                raise UnsupportedError(f"{site.where}: {e}") from None
+        needed = placeholders([s.variant() for s in group])
         for site in group:
             site.placeholders = {name: ph for name, ph in needed.items() if name not in site.present}
             site.present |= set(site.placeholders)
@@ -261,10 +268,9 @@ def _attach_proto(model: onnx.ModelProto) -> onnx.ModelProto:
     inserts: dict[int, dict[int, list[onnx.NodeProto]]] = {}
     for site in sites:
         index, position, node = site.handle
-        have = {a.name for a in node.attribute}
-        for spec in site.schema.attributes:
-            if spec.name not in have:
-                node.attribute.append(helper.make_attribute(spec.name, spec.default))
+        values = site.schema.complete_attributes(**site.attributes)
+        del node.attribute[:]
+        node.attribute.extend(helper.make_attribute(name, value) for name, value in values.items())
         while len(node.input) < len(site.schema.inputs):
             node.input.append("")
         for name, ph in site.placeholders.items():
@@ -364,9 +370,8 @@ def _attach_ir(model: ir.Model) -> ir.Model:
     shared: dict[tuple, ir.Value] = {}
     for site in sites:
         node: ir.Node = site.handle
-        for spec in site.schema.attributes:
-            if spec.name not in node.attributes:
-                node.attributes[spec.name] = ir.convenience.convert_attribute(spec.name, spec.default)
+        for name, value in site.schema.complete_attributes(**site.attributes).items():
+            node.attributes[name] = ir.convenience.convert_attribute(name, value)
         if len(node.inputs) < len(site.schema.inputs):
             node.resize_inputs(len(site.schema.inputs))
         for name, ph in site.placeholders.items():
