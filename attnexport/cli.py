@@ -17,7 +17,8 @@ from rich.table import Table
 from attnexport import __version__
 from attnexport.errors import AttnExportError
 
-console = Console(stderr=False, highlight=False)
+# Piped output (files, CI logs, tests) has no terminal width; tables fold at 80 columns unless widened.
+console = Console(stderr=False, highlight=False, width=None if sys.stdout.isatty() else 200)
 err_console = Console(stderr=True, highlight=False)
 
 

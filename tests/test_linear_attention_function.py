@@ -288,8 +288,6 @@ def test_large_magnitude_favor_without_eps_kernel(op_library):
     assert_matches(run_ort(model, feeds, with_library=True), LARGE_FAVOR, expected, form="kernel", **LARGE_TOLERANCE)
 
 
-@pytest.mark.xfail(strict=True, reason="reference.py: favor's eps * np.exp(-row_max) is 0 * inf = NaN when eps = 0 "
-                   "and the row max is below -709; remove this mark once fixed")
 def test_large_magnitude_favor_without_eps_reference():
     feeds = large_inputs(SHAPES["gqa4_sq<skv"])
     with np.errstate(over="ignore", invalid="ignore"):

@@ -124,8 +124,12 @@ def linear_attention(
 
     weights = np.where(vis, weights, 0.0)
     numerator = weights @ v
-    denominator = weights.sum(axis=-1, keepdims=True) + eps * np.exp(-row_log_scale)
-    return numerator / denominator
+    # eps rescaled with the row (favor); eps = 0 must stay 0 even where exp(-row_log_scale) overflows.
+    eps_row = np.zeros_like(row_log_scale) if eps == 0 else eps * np.exp(-row_log_scale)
+    denominator = weights.sum(axis=-1, keepdims=True) + eps_row
+    # A row whose weights are all zero (no visible key, or relu features that vanish) gives 0, not 0/0.
+    safe = np.where(denominator > 0, denominator, 1.0)
+    return np.where(denominator > 0, numerator / safe, 0.0)
 
 
 def _expansion_center(logits: np.ndarray, vis: np.ndarray, expansion_point: str) -> np.ndarray:
