@@ -19,4 +19,4 @@ PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
 "${PIP[@]}" install -q "torch==2.13.0"
 echo "setup: installing attnexport (builds the op library)"
 "${PIP[@]}" install -q "$ROOT[test,bench]"
-"$VENV/bin/python" -c "import attnexport; print('setup: attnexport', attnexport.__version__, 'with', attnexport.library_path())"
+"$VENV/bin/python" -P -c "import attnexport; print('setup: attnexport', attnexport.__version__, 'with', attnexport.library_path())"
