@@ -64,3 +64,41 @@ def test_inspect_convert_run_verify(arch, exporter, zoo_model, tmp_path):
     report = attnexport.verify(source, out, seq_len=11, batch=1 if (arch, exporter) == ("llama", "dynamo23") else 2)
     assert report.passed, [p for c in report.comparisons for p in c.problems]
     assert _digest(source) == before
+
+
+@pytest.mark.parametrize("arch,exporter", [("bert", "dynamo18"), ("gpt2", "torchscript17"), ("llama", "dynamo18"),
+                                           ("bert", "dynamo23")])
+def test_padded_keys_do_not_leak(arch, exporter, zoo_model, tmp_path):
+    """Key padding is wired through: changing the token ids under padding leaves every real token's output
+    unchanged, in the original and in the converted model (kernels and functions)."""
+    source = zoo_model(arch, exporter)
+    out = tmp_path / "converted.onnx"
+    attnexport.convert(source, out, method="linear")
+    feeds = inputs.synthesize(model_io.load(source), inputs.ProbeShape(batch=2, seq_len=12))
+    mask = feeds["attention_mask"]
+    mask[0, 9:] = 0   # right padding
+    mask[1, :4] = 0   # left padding
+    changed = dict(feeds)
+    ids = feeds["input_ids"].copy()
+    ids[mask == 0] = (ids[mask == 0] + 7) % 100
+    changed["input_ids"] = ids
+    real = mask.astype(bool)
+    for model, with_library in ((source, False), (str(out), True), (str(out), False)):
+        s = session(model, with_library=with_library)
+        a = s.run(None, feeds)[0]
+        b = s.run(None, changed)[0]
+        assert max_abs(a[real], b[real]) <= 1e-5, (model, with_library)
+        assert max_abs(a[~real], b[~real]) > 0, "the padded positions should have changed"
+
+
+@pytest.mark.parametrize("feature_map,expansion_point", [("elu1", "zero"), ("relu", "zero"), ("taylor2", "zero"),
+                                                        ("taylor2", "mean"), ("taylor2", "max"), ("favor", "zero")])
+def test_every_feature_map_converts_and_verifies(feature_map, expansion_point, zoo_model, tmp_path):
+    source = zoo_model("llama", "torchscript17")
+    out = tmp_path / f"{feature_map}.onnx"
+    options = attnexport.MethodOptions(feature_map=feature_map, expansion_point=expansion_point)
+    attnexport.convert(source, out, method="linear", options=options)
+    report = attnexport.verify(source, out, seq_len=10)
+    assert report.passed, [p for c in report.comparisons for p in c.problems]
+    outputs = [c for c in report.comparisons if c.kind == "output"]
+    assert outputs and all(np.isfinite(c.kernel_vs_original["max_abs"]) for c in outputs)
