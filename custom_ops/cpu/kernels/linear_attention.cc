@@ -1,14 +1,827 @@
 // LinearAttention CPU kernel, compiled once per ISA (namespace attnexport::cpu::ATTNEXPORT_ISA).
 //
-// Work is split over (batch, kv head): the state S = Σ_j φ(k̃_j) ⊗ [v_j, 1] depends only on the kv
-// head, and every query head of the group reads it.
+//   y_i = Σ_j A_ij v_j / (Σ_j A_ij + eps),  A_ij = φ(q̃_i)·φ(k̃_j),  over the keys j that row i sees.
+//
+// The key side is reduced to a state per (batch, kv head): S = Σ_j φ(k̃_j) ⊗ v_j [F, Dv] and
+// z = Σ_j φ(k̃_j) [F]; every query head of the group reads it (y_i = φ(q̃_i) S / (φ(q̃_i)·z + eps)).
+// φ is applied to a block of rows at a time (vectorised exp) and fed straight into a
+// register-blocked product (gemm.h), so K, V and Q are each read once.
+//
+// Non-causal: (1) partial states over key ranges, in parallel: several tasks per head when there
+// are few heads; (2) partial states summed per head; (3) query blocks in parallel.
+// Causal: chunks of kChunk keys in order; the queries whose last visible key falls in a chunk get
+// φ(q̃) S (keys of earlier chunks, the carried state) plus the masked intra-chunk product P V with
+// P = φ(Q̃) φ(K̃_c)ᵀ (lower triangle only, by row tile); then the chunk is folded into the state. With
+// fewer heads than threads the sequence is also split into segments: each segment's key state is
+// reduced first (in parallel), prefix-summed, and the segments then run their chunks in parallel.
+//
+// taylor2 uses the symmetric quadratic features [1, k̃, upper triangle of k̃k̃ᵀ (diagonal / √2)]
+// (F = 1 + D + D(D+1)/2); a query expanded around c_i gets [1 - c + c²/2, (1 - c) q̃, quad(q̃)], so
+// φ(q̃)·φ(k̃) = 1 + (s - c) + (s - c)²/2. Its intra-chunk weights come from the logits directly.
+// favor: φ(x̃) = exp(Wᵀx̃ - |x̃|²/2)/√F; every row is divided by its largest factor (queries) and
+// keys are brought to one running shift per (batch, kv head); eps is multiplied by the inverse of
+// both shifts, so the ratio is the exact one and large inputs stay finite.
 #include <cmath>
+#include <cstring>
 
+#include "cpu/kernels/gemm.h"
 #include "cpu/kernels/linear_attention.h"
+#include "cpu/kernels/simd.h"
 
 namespace attnexport::cpu::ATTNEXPORT_ISA {
 namespace {
 
+using simd::kWidth;
+using simd::Vec;
+
+constexpr int64_t kKeyBlock = 64;     // keys per φ block, non-causal key pass
+constexpr int64_t kQueryBlock = 64;   // queries per φ block
+#ifndef ATTNEXPORT_LA_CHUNK
+#define ATTNEXPORT_LA_CHUNK 32
+#endif
+constexpr int64_t kChunk = ATTNEXPORT_LA_CHUNK;  // causal chunk (keys and queries)
+constexpr int64_t kLogitBlock = 256;  // keys per logits block (taylor2 "max" expansion)
+constexpr float kInvSqrt2 = 0.70710678118654752f;
+
+constexpr int64_t Min(int64_t a, int64_t b) { return a < b ? a : b; }
+constexpr int64_t Max(int64_t a, int64_t b) { return a > b ? a : b; }
+constexpr int64_t RoundUp(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+constexpr int64_t CeilDiv(int64_t x, int64_t m) { return (x + m - 1) / m; }
+
+// Carves float buffers out of one region; a null base only counts (to size the region).
+struct Bump {
+  float* p = nullptr;
+  int64_t used = 0;
+  float* Take(int64_t n) {
+    float* r = p ? p + used : nullptr;
+    used += RoundUp(n < 1 ? 1 : n, 16);  // 64-byte steps keep every buffer aligned
+    return r;
+  }
+};
+
+struct Plan {
+  const LinearAttentionProblem* p = nullptr;
+  const LinearAttentionTensors* t = nullptr;
+  FeatureMap fm = FeatureMap::kElu1;
+  int64_t d = 0, dv = 0, F = 0, FP = 0, DvP = 0, dP = 0, group = 1, offset = 0;
+  float root = 1.f, scale = 1.f;
+  bool taylor = false, taylor_mean = false, taylor_max = false, favor = false;
+  bool v_direct = false;         // V rows can be the right operand in place (Dv a multiple of the width)
+  const float* w_rows = nullptr; // favor: √scale·W, [Dk, FP] zero padded (row form)
+  const float* kt_all = nullptr; // taylor2 "max": scale·Kᵀ per (b, kv head), [Dk, SkvP]
+  int64_t kt_ld = 0;
+
+  const float* Q(int64_t b, int64_t h) const { return t->q + (b * p->q_heads + h) * p->q_len * d; }
+  const float* K(int64_t b, int64_t h) const { return t->k + (b * p->kv_heads + h) * p->kv_len * d; }
+  const float* V(int64_t b, int64_t h) const { return t->v + (b * p->kv_heads + h) * p->kv_len * dv; }
+  float* Y(int64_t b, int64_t h) const { return t->y + (b * p->q_heads + h) * p->q_len * dv; }
+  const bool* Mask(int64_t b) const { return t->key_padding_mask ? t->key_padding_mask + b * p->kv_len : nullptr; }
+  const float* KT(int64_t b, int64_t h) const { return kt_all + (b * p->kv_heads + h) * d * kt_ld; }
+};
+
+// ---------------------------------------------------------------------------------------------
+// State of a (batch, kv head) over some keys: S [F, DvP], z [FP], Σ k̃ [dP] (taylor2 mean), and the
+// favor shift (S and z hold Σ e^(log φ(k̃_j) - shift)) and the count of keys folded in.
+struct State {
+  float* s = nullptr;
+  float* z = nullptr;
+  float* ksum = nullptr;
+  float* shift = nullptr;  // one float
+  float* count = nullptr;  // one float (exact up to 2^24 keys; only the taylor2 mean divides by it)
+};
+
+State TakeState(const Plan& pl, Bump& bump) {
+  State st;
+  st.s = bump.Take(pl.F * pl.DvP);
+  st.z = bump.Take(pl.FP);
+  st.ksum = bump.Take(pl.dP);
+  st.shift = bump.Take(1);
+  st.count = bump.Take(1);
+  return st;
+}
+
+int64_t StateFloats(const Plan& pl) {
+  Bump bump;
+  TakeState(pl, bump);
+  return bump.used;
+}
+
+State StateAt(const Plan& pl, float* base, int64_t index) {
+  Bump bump{base + index * StateFloats(pl), 0};
+  return TakeState(pl, bump);
+}
+
+void ClearState(const Plan& pl, const State& st) {
+  std::memset(st.s, 0, sizeof(float) * pl.F * pl.DvP);
+  std::memset(st.z, 0, sizeof(float) * pl.FP);
+  std::memset(st.ksum, 0, sizeof(float) * pl.dP);
+  *st.shift = -INFINITY;
+  *st.count = 0.f;
+}
+
+void ScaleFloats(float* x, int64_t n, float factor) {
+  const Vec f = simd::Splat(factor);
+  int64_t i = 0;
+  for (; i + kWidth <= n; i += kWidth) simd::Store(x + i, simd::Load(x + i) * f);
+  for (; i < n; ++i) x[i] *= factor;
+}
+
+void AddScaledFloats(float* dst, const float* src, int64_t n, float factor) {
+  const Vec f = simd::Splat(factor);
+  int64_t i = 0;
+  for (; i + kWidth <= n; i += kWidth) simd::Store(dst + i, simd::Load(dst + i) + simd::Load(src + i) * f);
+  for (; i < n; ++i) dst[i] += src[i] * factor;
+}
+
+// favor: brings the state to shift `target` (>= its own); an empty state just takes it.
+void Reshift(const Plan& pl, const State& st, float target) {
+  if (*st.count > 0.f && *st.shift != target) {
+    const float factor = std::exp(*st.shift - target);
+    ScaleFloats(st.s, pl.F * pl.DvP, factor);
+    ScaleFloats(st.z, pl.FP, factor);
+  }
+  *st.shift = target;
+}
+
+// dst += src (favor: at the larger of the two shifts).
+void MergeState(const Plan& pl, const State& dst, const State& src) {
+  if (*src.count == 0.f) return;
+  float factor = 1.f;
+  if (pl.favor) {
+    if (*dst.count == 0.f || *src.shift > *dst.shift) Reshift(pl, dst, *src.shift);
+    factor = std::exp(*src.shift - *dst.shift);
+  }
+  AddScaledFloats(dst.s, src.s, pl.F * pl.DvP, factor);
+  AddScaledFloats(dst.z, src.z, pl.FP, factor);
+  AddScaledFloats(dst.ksum, src.ksum, pl.dP, 1.f);
+  *dst.count += *src.count;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Features, row form: out[i, :F] = φ(√scale · x[i]) for n rows of x (row stride ldx), padded with
+// zeros to FP. center (taylor2, may be null): the expansion point of each row. shift (favor): the
+// log of the factor each row was divided by.
+void FeatureRows(const Plan& pl, const float* x, int64_t ldx, int64_t n, const float* center, float* out,
+                 float* shift, float* tmp) {
+  const int64_t d = pl.d, F = pl.F, FP = pl.FP;
+  switch (pl.fm) {
+    case FeatureMap::kElu1:
+    case FeatureMap::kRelu: {
+      const bool elu = pl.fm == FeatureMap::kElu1;
+      const Vec root = simd::Splat(pl.root);
+      for (int64_t i = 0; i < n; ++i) {
+        const float* xr = x + i * ldx;
+        float* o = out + i * FP;
+        int64_t a = 0;
+        if (elu) {
+          for (; a + kWidth <= d; a += kWidth) simd::Store(o + a, simd::Elu1(simd::Load(xr + a) * root));
+        } else {
+          for (; a + kWidth <= d; a += kWidth) simd::Store(o + a, simd::Relu(simd::Load(xr + a) * root));
+        }
+        if (a < d) {
+          const Vec v = simd::LoadPartial(xr + a, d - a) * root;
+          simd::Store(o + a, simd::KeepFirst(elu ? simd::Elu1(v) : simd::Relu(v), d - a));
+          a += kWidth;
+        }
+        for (; a < FP; a += kWidth) simd::Store(o + a, simd::Zero());
+      }
+      return;
+    }
+    case FeatureMap::kTaylor2: {
+      for (int64_t i = 0; i < n; ++i) {
+        const float* xr = x + i * ldx;
+        float* o = out + i * FP;
+        for (int64_t a = 0; a < d; ++a) tmp[a] = pl.root * xr[a];
+        const float c = center ? center[i] : 0.f;
+        const float slope = 1.f - c;
+        o[0] = 1.f - c + 0.5f * c * c;
+        for (int64_t a = 0; a < d; ++a) o[1 + a] = slope * tmp[a];
+        float* quad = o + 1 + d;
+        for (int64_t a = 0; a < d; ++a) {
+          const float xa = tmp[a];
+          quad[0] = xa * xa * kInvSqrt2;
+          const int64_t len = d - a - 1;
+          const float* src = tmp + a + 1;
+          float* dst = quad + 1;
+          const Vec va = simd::Splat(xa);
+          int64_t b = 0;
+          for (; b + kWidth <= len; b += kWidth) simd::Store(dst + b, simd::Load(src + b) * va);
+          for (; b < len; ++b) dst[b] = src[b] * xa;
+          quad += len + 1;
+        }
+        for (int64_t f = F; f < FP; ++f) o[f] = 0.f;
+      }
+      return;
+    }
+    case FeatureMap::kFavor: {
+      gemm::Product g;
+      g.k1 = d;
+      g.a1 = x;
+      g.lda1 = ldx;
+      g.b1 = pl.w_rows;
+      g.ldb1 = FP;
+      g.c = out;
+      g.ldc = FP;
+      gemm::Run<gemm::kStore>(g, n, FP);
+      const float inv_sqrt_f = 1.0f / std::sqrt(static_cast<float>(F));
+      const float half_scale = 0.5f * pl.scale;  // |x̃|²/2 = scale |x|²/2
+      for (int64_t i = 0; i < n; ++i) {
+        float* o = out + i * FP;
+        Vec peak = simd::Splat(-INFINITY);
+        int64_t f = 0;
+        for (; f + kWidth <= F; f += kWidth) {
+          const Vec u = simd::Load(o + f);
+          peak = u > peak ? u : peak;
+        }
+        float top = simd::MaxLane(peak);
+        for (; f < F; ++f) top = o[f] > top ? o[f] : top;
+        const Vec vtop = simd::Splat(top), vinv = simd::Splat(inv_sqrt_f);
+        for (f = 0; f < FP; f += kWidth) {
+          Vec e = simd::ExpNonPositive(simd::Load(o + f) - vtop) * vinv;
+          if (f + kWidth > F) e = simd::KeepFirst(e, F - f);
+          simd::Store(o + f, e);
+        }
+        const float* xr = x + i * ldx;
+        float norm = 0.f;
+        for (int64_t a = 0; a < d; ++a) norm += xr[a] * xr[a];
+        shift[i] = top - half_scale * norm;
+      }
+      return;
+    }
+  }
+}
+
+// Features, column form (causal key chunks): kt [d, ld] holds √scale·kᵀ of nc keys in columns
+// (columns >= nc and masked keys are zero), vis[j] is 1 for a key that may be seen, else 0.
+// out [F, ld] = φ(k̃_j) in column j, masked and padding columns 0; shift[j] (favor).
+void FeatureColumns(const Plan& pl, const float* kt, int64_t ld, int64_t nc, const float* vis, float* out,
+                    float* shift) {
+  const int64_t d = pl.d, F = pl.F;
+  const int64_t ncv = RoundUp(nc, kWidth);
+  switch (pl.fm) {
+    case FeatureMap::kElu1:
+    case FeatureMap::kRelu: {
+      const bool elu = pl.fm == FeatureMap::kElu1;
+      for (int64_t a = 0; a < d; ++a) {
+        const float* src = kt + a * ld;
+        float* dst = out + a * ld;
+        for (int64_t j = 0; j < ncv; j += kWidth) {
+          const Vec x = simd::Load(src + j);
+          const Vec phi = elu ? simd::Elu1(x) * simd::Load(vis + j) : simd::Relu(x);
+          simd::Store(dst + j, phi);
+        }
+      }
+      return;
+    }
+    case FeatureMap::kTaylor2: {
+      for (int64_t j = 0; j < ncv; j += kWidth) simd::Store(out + j, simd::Load(vis + j));
+      std::memcpy(out + ld, kt, sizeof(float) * d * ld);
+      float* row = out + (1 + d) * ld;
+      for (int64_t a = 0; a < d; ++a) {
+        const float* xa = kt + a * ld;
+        for (int64_t j = 0; j < ncv; j += kWidth) simd::Store(row + j, simd::Load(xa + j) * simd::Load(xa + j) * kInvSqrt2);
+        row += ld;
+        for (int64_t b = a + 1; b < d; ++b) {
+          const float* xb = kt + b * ld;
+          for (int64_t j = 0; j < ncv; j += kWidth) simd::Store(row + j, simd::Load(xa + j) * simd::Load(xb + j));
+          row += ld;
+        }
+      }
+      return;
+    }
+    case FeatureMap::kFavor: {
+      // Uᵀ = Wᵀ K̃ᵀ: W [d, F] read as a k-major left operand.
+      gemm::Product g;
+      g.k1 = d;
+      g.a1 = pl.t->projection;
+      g.lda1 = F;
+      g.a1_kmajor = true;
+      g.b1 = kt;
+      g.ldb1 = ld;
+      g.c = out;
+      g.ldc = ld;
+      gemm::Run<gemm::kStore>(g, F, ncv);
+      const float inv_sqrt_f = 1.0f / std::sqrt(static_cast<float>(F));
+      for (int64_t j = 0; j < ncv; j += kWidth) {
+        Vec peak = simd::Splat(-INFINITY), norm = simd::Zero();
+        for (int64_t f = 0; f < F; ++f) {
+          const Vec u = simd::Load(out + f * ld + j);
+          peak = u > peak ? u : peak;
+        }
+        for (int64_t a = 0; a < d; ++a) {
+          const Vec x = simd::Load(kt + a * ld + j);
+          norm += x * x;
+        }
+        const Vec keep = simd::Load(vis + j) * inv_sqrt_f;
+        for (int64_t f = 0; f < F; ++f) simd::Store(out + f * ld + j, simd::ExpNonPositive(simd::Load(out + f * ld + j) - peak) * keep);
+        const Vec sh = peak - 0.5f * norm;
+        const Vec visible = simd::Load(vis + j);
+        simd::Store(shift + j, visible > 0.f ? sh : simd::Splat(-INFINITY));
+      }
+      return;
+    }
+  }
+}
+
+// Σ_i rows[i, :] added into acc (n rows of stride ld, FP wide).
+void AddColumnSums(const float* rows, int64_t n, int64_t ld, int64_t width, float* acc) {
+  for (int64_t f = 0; f < width; f += kWidth) {
+    Vec s = simd::Load(acc + f);
+    for (int64_t i = 0; i < n; ++i) s += simd::Load(rows + i * ld + f);
+    simd::Store(acc + f, s);
+  }
+}
+
+float Dot(const float* a, const float* b, int64_t n) {
+  Vec s0 = simd::Zero(), s1 = simd::Zero();
+  int64_t i = 0;
+  for (; i + 2 * kWidth <= n; i += 2 * kWidth) {
+    s0 += simd::Load(a + i) * simd::Load(b + i);
+    s1 += simd::Load(a + i + kWidth) * simd::Load(b + i + kWidth);
+  }
+  float s = simd::Sum(s0 + s1);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// dst[a, j] = factor · src[j, a] for n rows of width d (row stride d), columns [n, RoundUp(n, kWidth))
+// zero; a column whose vis[j] is 0 is zero whatever the row holds (vis may be null: all visible).
+void TransposeRows(const float* src, int64_t d, int64_t n, float factor, const float* vis, float* dst, int64_t ld) {
+  const int64_t nv = RoundUp(n, kWidth);
+  int64_t a0 = 0;
+#if defined(__AVX__)
+  const int64_t n8 = n / 8 * 8;
+  const __m256 f = _mm256_set1_ps(factor), zero = _mm256_setzero_ps();
+  for (; a0 + 8 <= d; a0 += 8) {
+    for (int64_t j0 = 0; j0 < n8; j0 += 8) {
+      const float* s = src + j0 * d + a0;
+      const __m256 r0 = _mm256_loadu_ps(s), r1 = _mm256_loadu_ps(s + d), r2 = _mm256_loadu_ps(s + 2 * d),
+                   r3 = _mm256_loadu_ps(s + 3 * d), r4 = _mm256_loadu_ps(s + 4 * d), r5 = _mm256_loadu_ps(s + 5 * d),
+                   r6 = _mm256_loadu_ps(s + 6 * d), r7 = _mm256_loadu_ps(s + 7 * d);
+      const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1), t2 = _mm256_unpacklo_ps(r2, r3),
+                   t3 = _mm256_unpackhi_ps(r2, r3), t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5),
+                   t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+      const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE),
+                   u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE),
+                   u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE),
+                   u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+      __m256 c[8] = {_mm256_permute2f128_ps(u0, u4, 0x20), _mm256_permute2f128_ps(u1, u5, 0x20),
+                     _mm256_permute2f128_ps(u2, u6, 0x20), _mm256_permute2f128_ps(u3, u7, 0x20),
+                     _mm256_permute2f128_ps(u0, u4, 0x31), _mm256_permute2f128_ps(u1, u5, 0x31),
+                     _mm256_permute2f128_ps(u2, u6, 0x31), _mm256_permute2f128_ps(u3, u7, 0x31)};
+      const __m256 on = vis ? _mm256_cmp_ps(_mm256_loadu_ps(vis + j0), zero, _CMP_GT_OQ) : _mm256_cmp_ps(zero, zero, _CMP_EQ_OQ);
+      for (int i = 0; i < 8; ++i) _mm256_storeu_ps(dst + (a0 + i) * ld + j0, _mm256_blendv_ps(zero, _mm256_mul_ps(c[i], f), on));
+    }
+    for (int64_t a = a0; a < a0 + 8; ++a) {
+      for (int64_t j = n8; j < n; ++j) dst[a * ld + j] = !vis || vis[j] != 0.f ? factor * src[j * d + a] : 0.f;
+      for (int64_t j = n; j < nv; ++j) dst[a * ld + j] = 0.f;
+    }
+  }
+#endif
+  for (int64_t a = a0; a < d; ++a) {
+    for (int64_t j = 0; j < n; ++j) dst[a * ld + j] = !vis || vis[j] != 0.f ? factor * src[j * d + a] : 0.f;
+    for (int64_t j = n; j < nv; ++j) dst[a * ld + j] = 0.f;
+  }
+}
+
+// taylor2 "max": center[i] = max of scale·q_i·k_j over the keys j <= limit[i] that the mask lets
+// row i see, 0 when none. Quadratic by nature (it is exact, not fast): logits in blocks.
+void MaxLogits(const Plan& pl, int64_t b, int64_t kvh, const float* q, int64_t m, const int64_t* limit, float* center,
+               float* logits) {
+  const bool* mask = pl.Mask(b);
+  const float* kt = pl.KT(b, kvh);
+  int64_t end = 0;
+  for (int64_t i = 0; i < m; ++i) {
+    center[i] = -INFINITY;
+    end = Max(end, limit[i] + 1);
+  }
+  end = Min(end, pl.p->kv_len);
+  for (int64_t j0 = 0; j0 < end; j0 += kLogitBlock) {
+    const int64_t nb = Min(kLogitBlock, end - j0);
+    gemm::Product g;
+    g.k1 = pl.d;
+    g.a1 = q;
+    g.lda1 = pl.d;
+    g.b1 = kt + j0;
+    g.ldb1 = pl.kt_ld;
+    g.c = logits;
+    g.ldc = kLogitBlock;
+    gemm::Run<gemm::kStore>(g, m, RoundUp(nb, kWidth));
+    for (int64_t i = 0; i < m; ++i) {
+      const int64_t stop = Min(nb, limit[i] + 1 - j0);
+      float best = center[i];
+      for (int64_t j = 0; j < stop; ++j) {
+        if (mask && !mask[j0 + j]) continue;
+        const float s = logits[i * kLogitBlock + j];
+        best = s > best ? s : best;
+      }
+      center[i] = best;
+    }
+  }
+  for (int64_t i = 0; i < m; ++i) center[i] = center[i] == -INFINITY ? 0.f : center[i];
+}
+
+// ---------------------------------------------------------------------------------------------
+// Non-causal key pass: folds the keys [j0, j1) of (b, kvh) into st (row-form features, masked keys
+// skipped).
+struct KeyWork {
+  float *kbuf, *vbuf, *phi, *shift, *tmp;
+};
+
+KeyWork TakeKeyWork(const Plan& pl, Bump& bump) {
+  KeyWork w;
+  w.kbuf = bump.Take(kKeyBlock * pl.d);
+  w.vbuf = bump.Take(kKeyBlock * pl.DvP);
+  w.phi = bump.Take(kKeyBlock * pl.FP);
+  w.shift = bump.Take(kKeyBlock);
+  w.tmp = bump.Take(pl.dP + kWidth);
+  return w;
+}
+
+void CopyRowPadded(const float* src, int64_t n, int64_t padded, float* dst) {
+  std::memcpy(dst, src, sizeof(float) * n);
+  for (int64_t i = n; i < padded; ++i) dst[i] = 0.f;
+}
+
+void AccumulateKeys(const Plan& pl, int64_t b, int64_t kvh, int64_t j0, int64_t j1, const State& st, const KeyWork& w) {
+  const int64_t d = pl.d, dv = pl.dv;
+  const float* k = pl.K(b, kvh);
+  const float* v = pl.V(b, kvh);
+  const bool* mask = pl.Mask(b);
+  for (int64_t j = j0; j < j1;) {
+    const float* kb;
+    const float* vb;
+    int64_t ldv, n = 0;
+    if (mask) {
+      for (; j < j1 && n < kKeyBlock; ++j) {
+        if (!mask[j]) continue;
+        std::memcpy(w.kbuf + n * d, k + j * d, sizeof(float) * d);
+        CopyRowPadded(v + j * dv, dv, pl.DvP, w.vbuf + n * pl.DvP);
+        ++n;
+      }
+      kb = w.kbuf;
+      vb = w.vbuf;
+      ldv = pl.DvP;
+    } else {
+      n = Min(kKeyBlock, j1 - j);
+      kb = k + j * d;
+      if (pl.v_direct) {
+        vb = v + j * dv;
+        ldv = dv;
+      } else {
+        for (int64_t r = 0; r < n; ++r) CopyRowPadded(v + (j + r) * dv, dv, pl.DvP, w.vbuf + r * pl.DvP);
+        vb = w.vbuf;
+        ldv = pl.DvP;
+      }
+      j += n;
+    }
+    if (n == 0) continue;
+    FeatureRows(pl, kb, d, n, nullptr, w.phi, w.shift, w.tmp);
+    if (pl.favor) {
+      float top = -INFINITY;
+      for (int64_t r = 0; r < n; ++r) top = w.shift[r] > top ? w.shift[r] : top;
+      if (*st.count == 0.f || top > *st.shift) Reshift(pl, st, top);
+      for (int64_t r = 0; r < n; ++r) ScaleFloats(w.phi + r * pl.FP, pl.FP, std::exp(w.shift[r] - *st.shift));
+    }
+    AddColumnSums(w.phi, n, pl.FP, pl.FP, st.z);
+    if (pl.taylor_mean) {
+      for (int64_t r = 0; r < n; ++r) AddScaledFloats(st.ksum, kb + r * d, d, pl.root);
+    }
+    *st.count += static_cast<float>(n);
+    gemm::Product g;  // S += φ(K)ᵀ V
+    if (!mask && j < j1) {  // the next block's keys and values
+      g.prefetch = k + j * d;
+      g.prefetch_bytes = static_cast<int64_t>(sizeof(float)) * Min(kKeyBlock, j1 - j) * d;
+      g.prefetch2 = v + j * dv;
+      g.prefetch2_bytes = static_cast<int64_t>(sizeof(float)) * Min(kKeyBlock, j1 - j) * dv;
+    }
+    g.k1 = n;
+    g.a1 = w.phi;
+    g.lda1 = pl.FP;
+    g.a1_kmajor = true;
+    g.b1 = vb;
+    g.ldb1 = ldv;
+    g.c = st.s;
+    g.ldc = pl.DvP;
+    gemm::Run<gemm::kAccumulate>(g, pl.F, pl.DvP);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Non-causal query pass: rows [i0, i1) of (b, qh) from the finished state of its kv head.
+struct QueryWork {
+  float *phi, *shift, *inv, *center, *ybuf, *tmp, *logits;
+  int64_t* limit;
+};
+
+QueryWork TakeQueryWork(const Plan& pl, Bump& bump, int64_t rows) {
+  QueryWork w;
+  w.phi = bump.Take(rows * pl.FP);
+  w.shift = bump.Take(rows);
+  w.inv = bump.Take(rows);
+  w.center = bump.Take(rows);
+  w.ybuf = bump.Take(rows * pl.DvP);
+  w.tmp = bump.Take(pl.dP + kWidth);
+  w.logits = pl.taylor_max ? bump.Take(rows * kLogitBlock) : nullptr;
+  w.limit = reinterpret_cast<int64_t*>(bump.Take(2 * rows));
+  return w;
+}
+
+// Whether rows of width ld starting at p can take streaming stores (vector-aligned).
+inline bool Streamable(const float* p, int64_t ld) {
+  constexpr int64_t kBytes = kWidth * static_cast<int64_t>(sizeof(float));
+  return reinterpret_cast<uintptr_t>(p) % kBytes == 0 && (ld * static_cast<int64_t>(sizeof(float))) % kBytes == 0;
+}
+
+// 1 / (den + eps) for a row whose features total den against the keys it sees; 0 when it sees
+// none (den == 0), so such rows come out as exact zeros. log_shift (favor): the log of the factor
+// the weights were divided by; eps is divided by it as well.
+inline float InverseDenominator(const Plan& pl, float den, float log_shift) {
+  if (den == 0.f) return 0.f;
+  float eps = pl.p->eps;
+  if (pl.favor && eps != 0.f) eps *= std::exp(-log_shift);
+  return 1.f / (den + eps);
+}
+
+void QueryRows(const Plan& pl, int64_t b, int64_t qh, int64_t i0, int64_t i1, const State& st, const QueryWork& w) {
+  const int64_t d = pl.d, dv = pl.dv;
+  const int64_t kvh = qh / pl.group;
+  const float* q = pl.Q(b, qh);
+  float* y = pl.Y(b, qh);
+  const float count = *st.count;
+  for (int64_t r0 = i0; r0 < i1; r0 += kQueryBlock) {
+    const int64_t m = Min(kQueryBlock, i1 - r0);
+    const float* qb = q + r0 * d;
+    float* yb = y + r0 * dv;
+    if (count == 0.f) {  // no visible key at all
+      std::memset(yb, 0, sizeof(float) * m * dv);
+      continue;
+    }
+    const float* center = nullptr;
+    if (pl.taylor_mean) {
+      for (int64_t i = 0; i < m; ++i) w.center[i] = pl.root * Dot(qb + i * d, st.ksum, d) / count;
+      center = w.center;
+    } else if (pl.taylor_max) {
+      for (int64_t i = 0; i < m; ++i) w.limit[i] = pl.p->kv_len - 1;
+      MaxLogits(pl, b, kvh, qb, m, w.limit, w.center, w.logits);
+      center = w.center;
+    }
+    FeatureRows(pl, qb, d, m, center, w.phi, w.shift, w.tmp);
+    for (int64_t i = 0; i < m; ++i) {
+      const float den = Dot(w.phi + i * pl.FP, st.z, pl.FP);
+      w.inv[i] = InverseDenominator(pl, den, pl.favor ? w.shift[i] + *st.shift : 0.f);
+    }
+    const bool direct = pl.DvP == dv;
+    gemm::Product g;  // y = φ(Q) S / den
+    if (r0 + m < i1) {  // the next block's queries
+      g.prefetch = qb + m * d;
+      g.prefetch_bytes = static_cast<int64_t>(sizeof(float)) * Min(kQueryBlock, i1 - r0 - m) * d;
+    }
+    g.k1 = pl.F;
+    g.a1 = w.phi;
+    g.lda1 = pl.FP;
+    g.b1 = st.s;
+    g.ldb1 = pl.DvP;
+    g.c = direct ? yb : w.ybuf;
+    g.ldc = direct ? dv : pl.DvP;
+    g.row_scale = w.inv;
+    if (direct && Streamable(yb, dv)) gemm::Run<gemm::kScaleStreamStore>(g, m, pl.DvP);
+    else gemm::Run<gemm::kScaleStore>(g, m, pl.DvP);
+    if (!direct) {
+      for (int64_t i = 0; i < m; ++i) std::memcpy(yb + i * dv, w.ybuf + i * pl.DvP, sizeof(float) * dv);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Causal pass over the key chunks [k_begin, k_end) of (b, kvh), starting from state st (the keys
+// before k_begin), writing every query whose last visible key lies in that range.
+struct ChunkWork {
+  float *kt, *phit, *vbuf, *vis, *kshift, *phiq, *qshift, *inv, *center, *p, *ybuf, *tmp, *logits;
+  int64_t* limit;
+};
+
+constexpr int64_t kChunkPad = RoundUp(kChunk, 16);
+
+ChunkWork TakeChunkWork(const Plan& pl, Bump& bump) {
+  ChunkWork w;
+  w.kt = bump.Take(pl.d * kChunkPad);
+  w.phit = bump.Take(pl.F * kChunkPad);
+  w.vbuf = bump.Take(kChunk * pl.DvP);
+  w.vis = bump.Take(kChunkPad);
+  w.kshift = bump.Take(kChunkPad);
+  w.phiq = bump.Take(kChunk * pl.FP);
+  w.qshift = bump.Take(kChunk);
+  w.inv = bump.Take(kChunk);
+  w.center = bump.Take(kChunk);
+  w.p = bump.Take(kChunk * kChunkPad);
+  w.ybuf = bump.Take(kChunk * pl.DvP);
+  w.tmp = bump.Take(pl.dP + kWidth);
+  w.logits = pl.taylor_max ? bump.Take(kChunk * kLogitBlock) : nullptr;
+  w.limit = reinterpret_cast<int64_t*>(bump.Take(2 * kChunk));
+  return w;
+}
+
+// Zeroes P[i, j] for the columns j > limit (the keys after row i's last visible key), in [0, width).
+inline void MaskRowTail(float* row, int64_t limit, int64_t width) {
+  int64_t j = (limit + 1) / kWidth * kWidth;
+  if (j < width && limit + 1 > j) {
+    simd::Store(row + j, simd::KeepFirst(simd::Load(row + j), limit + 1 - j));
+    j += kWidth;
+  }
+  for (; j < width; j += kWidth) simd::Store(row + j, simd::Zero());
+}
+
+void CausalRange(const Plan& pl, int64_t b, int64_t kvh, int64_t k_begin, int64_t k_end, const State& st,
+                 const ChunkWork& w) {
+  const LinearAttentionProblem& p = *pl.p;
+  const int64_t d = pl.d, dv = pl.dv, F = pl.F, ld = kChunkPad;
+  const float* k = pl.K(b, kvh);
+  const float* v = pl.V(b, kvh);
+  const bool* mask = pl.Mask(b);
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += kChunk) {
+    const int64_t nc = Min(kChunk, k_end - k0);
+    const int64_t ncv = RoundUp(nc, kWidth);
+    // Keys of the chunk, transposed: kt[a, j] = √scale·k[k0 + j, a] (0 for masked / padding keys).
+    int64_t visible = 0;
+    for (int64_t j = 0; j < ld; ++j) {
+      const bool on = j < nc && (!mask || mask[k0 + j]);
+      w.vis[j] = on ? 1.f : 0.f;
+      visible += on ? 1 : 0;
+    }
+    TransposeRows(k + k0 * d, d, nc, pl.root, mask ? w.vis : nullptr, w.kt, ld);
+    FeatureColumns(pl, w.kt, ld, nc, w.vis, w.phit, w.kshift);
+    if (pl.favor && visible > 0) {
+      float top = -INFINITY;
+      for (int64_t j = 0; j < nc; ++j) top = w.kshift[j] > top ? w.kshift[j] : top;
+      if (*st.count == 0.f || top > *st.shift) Reshift(pl, st, top);
+      const Vec s = simd::Splat(*st.shift);
+      for (int64_t j = 0; j < ncv; j += kWidth) {
+        const Vec factor = simd::ExpNonPositive(simd::Load(w.kshift + j) - s);  // 0 for masked keys (shift -inf)
+        for (int64_t f = 0; f < F; ++f) simd::Store(w.phit + f * ld + j, simd::Load(w.phit + f * ld + j) * factor);
+      }
+    }
+    // Values of the chunk: in place, or copied (padded; masked rows zero so they cannot carry NaN).
+    const float* vc = v + k0 * dv;
+    int64_t ldv = dv;
+    if (mask || !pl.v_direct) {
+      for (int64_t j = 0; j < nc; ++j) {
+        if (w.vis[j] != 0.f) CopyRowPadded(v + (k0 + j) * dv, dv, pl.DvP, w.vbuf + j * pl.DvP);
+        else std::memset(w.vbuf + j * pl.DvP, 0, sizeof(float) * pl.DvP);
+      }
+      vc = w.vbuf;
+      ldv = pl.DvP;
+    }
+
+    // Queries whose last visible key i + offset lies in this chunk.
+    const int64_t qa = Max(0, k0 - pl.offset), qb = Min(p.q_len, k0 + nc - pl.offset);
+    for (int64_t g = 0; qa < qb && g < pl.group; ++g) {
+      const int64_t qh = kvh * pl.group + g;
+      const int64_t m = qb - qa;
+      const float* qrows = pl.Q(b, qh) + qa * d;
+      float* yrows = pl.Y(b, qh) + qa * dv;
+      const int64_t first = qa + pl.offset - k0;  // last visible column of row 0
+      if (pl.taylor) {
+        // Logits of the chunk (row tiles only as wide as their lower triangle), then the expansion
+        // points, then P = 1 + t + t²/2 with t = s - c on the visible part.
+        gemm::Product lg;
+        lg.k1 = d;
+        lg.a1 = qrows;
+        lg.lda1 = d;
+        lg.b1 = w.kt;
+        lg.ldb1 = ld;
+        lg.c = w.p;
+        lg.ldc = ld;
+        for (int64_t r0 = 0; r0 < m; r0 += gemm::kRows) {
+          const int rows = static_cast<int>(Min(gemm::kRows, m - r0));
+          gemm::Rows<gemm::kStore>(lg, r0, rows, RoundUp(first + r0 + rows, kWidth), 0);
+        }
+        if (pl.taylor_mean) {
+          const float base = *st.count;
+          for (int64_t i = 0; i < m; ++i) {
+            const int64_t last = first + i;
+            float total = pl.root * Dot(qrows + i * d, st.ksum, d), count = base;
+            const float* row = w.p + i * ld;
+            for (int64_t j = 0; j <= last; ++j) {
+              total += w.vis[j] * pl.root * row[j];
+              count += w.vis[j];
+            }
+            w.center[i] = count > 0.f ? total / count : 0.f;
+          }
+        } else if (pl.taylor_max) {
+          for (int64_t i = 0; i < m; ++i) w.limit[i] = k0 + first + i;
+          MaxLogits(pl, b, kvh, qrows, m, w.limit, w.center, w.logits);
+        } else {
+          for (int64_t i = 0; i < m; ++i) w.center[i] = 0.f;
+        }
+        for (int64_t i = 0; i < m; ++i) {
+          float* row = w.p + i * ld;
+          const int64_t r0 = i / gemm::kRows * gemm::kRows;
+          const int64_t width = RoundUp(first + r0 + Min(gemm::kRows, m - r0), kWidth);  // as its row tile
+          const Vec c = simd::Splat(w.center[i]), root = simd::Splat(pl.root);
+          for (int64_t j = 0; j < width; j += kWidth) {
+            const Vec t = simd::Load(row + j) * root - c;
+            const Vec a = 1.0f + t + 0.5f * t * t;
+            simd::Store(row + j, simd::Load(w.vis + j) > 0.f ? a : simd::Zero());
+          }
+          MaskRowTail(row, first + i, width);
+        }
+        FeatureRows(pl, qrows, d, m, w.center, w.phiq, w.qshift, w.tmp);
+      } else {
+        FeatureRows(pl, qrows, d, m, nullptr, w.phiq, w.qshift, w.tmp);
+        gemm::Product pg;  // P = φ(Q) φ(K_c)ᵀ, lower triangle by row tile
+        pg.k1 = F;
+        pg.a1 = w.phiq;
+        pg.lda1 = pl.FP;
+        pg.b1 = w.phit;
+        pg.ldb1 = ld;
+        pg.c = w.p;
+        pg.ldc = ld;
+        for (int64_t r0 = 0; r0 < m; r0 += gemm::kRows) {
+          const int rows = static_cast<int>(Min(gemm::kRows, m - r0));
+          const int64_t width = RoundUp(first + r0 + rows, kWidth);
+          gemm::Rows<gemm::kStore>(pg, r0, rows, width, 0);
+          for (int64_t i = r0; i < r0 + rows; ++i) MaskRowTail(w.p + i * ld, first + i, width);
+        }
+      }
+      for (int64_t i = 0; i < m; ++i) {
+        const int64_t width = RoundUp(first + i + 1, kWidth);
+        float den = Dot(w.phiq + i * pl.FP, st.z, pl.FP);
+        const float* row = w.p + i * ld;
+        Vec acc = simd::Zero();
+        for (int64_t j = 0; j < width; j += kWidth) acc += simd::Load(row + j);
+        den += simd::Sum(acc);
+        w.inv[i] = InverseDenominator(pl, den, pl.favor ? w.qshift[i] + *st.shift : 0.f);
+      }
+      const bool direct = pl.DvP == dv;
+      gemm::Product yg;  // y = (φ(Q) S + P V_c) / den
+      yg.k1 = F;
+      yg.a1 = w.phiq;
+      yg.lda1 = pl.FP;
+      yg.b1 = st.s;
+      yg.ldb1 = pl.DvP;
+      yg.a2 = w.p;
+      yg.lda2 = ld;
+      yg.b2 = vc;
+      yg.ldb2 = ldv;
+      yg.c = direct ? yrows : w.ybuf;
+      yg.ldc = direct ? dv : pl.DvP;
+      yg.row_scale = w.inv;
+      // While this head's rows are computed, fetch its queries of the next chunk.
+      const int64_t next_rows = Min(kChunk, p.q_len - qb);
+      const float* next_q = pl.Q(b, qh) + qb * d;
+      const gemm::PrefetchPlan fetch(next_rows > 0 ? next_q : nullptr, next_rows * d * static_cast<int64_t>(sizeof(float)),
+                                     CeilDiv(m, gemm::kRows));
+      const bool stream = direct && Streamable(yrows, dv);
+      for (int64_t r0 = 0, tile = 0; r0 < m; r0 += gemm::kRows, ++tile) {
+        const int rows = static_cast<int>(Min(gemm::kRows, m - r0));
+        if (stream) gemm::Rows<gemm::kScaleStreamStore>(yg, r0, rows, pl.DvP, first + r0 + rows);
+        else gemm::Rows<gemm::kScaleStore>(yg, r0, rows, pl.DvP, first + r0 + rows);
+        fetch.Part(tile);
+      }
+      if (!direct) {
+        for (int64_t i = 0; i < m; ++i) std::memcpy(yrows + i * dv, w.ybuf + i * pl.DvP, sizeof(float) * dv);
+      }
+    }
+
+    // Fold the chunk into the state: S += φ(K_c)ᵀ V_c, z += Σ φ(k̃_j).
+    if (visible > 0) {
+      gemm::Product sg;
+      sg.k1 = nc;
+      sg.a1 = w.phit;
+      sg.lda1 = ld;
+      sg.b1 = vc;
+      sg.ldb1 = ldv;
+      sg.c = st.s;
+      sg.ldc = pl.DvP;
+      if (k0 + nc < k_end) {  // the next chunk's keys and values
+        const int64_t next = Min(kChunk, k_end - k0 - nc);
+        sg.prefetch = k + (k0 + nc) * d;
+        sg.prefetch_bytes = next * d * static_cast<int64_t>(sizeof(float));
+        sg.prefetch2 = v + (k0 + nc) * dv;
+        sg.prefetch2_bytes = next * dv * static_cast<int64_t>(sizeof(float));
+      }
+      gemm::Run<gemm::kAccumulate>(sg, F, pl.DvP);
+      for (int64_t f = 0; f < F; ++f) {
+        const float* row = w.phit + f * ld;
+        Vec acc = simd::Zero();
+        for (int64_t j = 0; j < ncv; j += kWidth) acc += simd::Load(row + j);
+        st.z[f] += simd::Sum(acc);
+      }
+      if (pl.taylor_mean) {
+        for (int64_t a = 0; a < d; ++a) {
+          const float* row = w.kt + a * ld;
+          Vec acc = simd::Zero();
+          for (int64_t j = 0; j < ncv; j += kWidth) acc += simd::Load(row + j);
+          st.ksum[a] += simd::Sum(acc);
+        }
+      }
+      *st.count += static_cast<float>(visible);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 int64_t FeatureCount(const LinearAttentionProblem& p) {
   switch (p.feature_map) {
     case FeatureMap::kTaylor2: return 1 + p.head_dim + p.head_dim * (p.head_dim + 1) / 2;
@@ -17,195 +830,178 @@ int64_t FeatureCount(const LinearAttentionProblem& p) {
   }
 }
 
-// φ of one row x̃ (already multiplied by √scale). For taylor2 the quadratic part is the upper
-// triangle of x̃x̃ᵀ with the diagonal divided by √2, so φ(q̃)·φ(k̃) = 1 + s + s²/2 with half the
-// features of vec(x̃x̃ᵀ)/√2. `lead`/`slope` are the taylor2 constant and linear coefficients
-// (1 and 1 for keys; 1 - c + c²/2 and 1 - c for a query expanded around c). Favor returns the log
-// of the row shift it applied (its largest exponent) so the caller can rescale eps exactly.
-float FeatureRow(const LinearAttentionProblem& p, const float* x, const float* w, float lead, float slope,
-                 float* out) {
-  const int64_t d = p.head_dim;
-  switch (p.feature_map) {
-    case FeatureMap::kElu1:
-      for (int64_t a = 0; a < d; ++a) out[a] = x[a] > 0.f ? x[a] + 1.f : std::exp(x[a]);
-      return 0.f;
-    case FeatureMap::kRelu:
-      for (int64_t a = 0; a < d; ++a) out[a] = x[a] > 0.f ? x[a] : 0.f;
-      return 0.f;
-    case FeatureMap::kTaylor2: {
-      out[0] = lead;
-      for (int64_t a = 0; a < d; ++a) out[1 + a] = slope * x[a];
-      float* quad = out + 1 + d;
-      const float inv_sqrt2 = 0.70710678118654752f;
-      for (int64_t a = 0; a < d; ++a) {
-        *quad++ = x[a] * x[a] * inv_sqrt2;
-        for (int64_t b = a + 1; b < d; ++b) *quad++ = x[a] * x[b];
-      }
-      return 0.f;
-    }
-    case FeatureMap::kFavor: {
-      const int64_t f = p.num_features;
-      float norm = 0.f;
-      for (int64_t a = 0; a < d; ++a) norm += x[a] * x[a];
-      float peak = -INFINITY;
-      for (int64_t c = 0; c < f; ++c) {
-        float u = 0.f;
-        for (int64_t a = 0; a < d; ++a) u += x[a] * w[a * f + c];
-        out[c] = u;
-        peak = u > peak ? u : peak;
-      }
-      const float inv_sqrt_f = 1.0f / std::sqrt(static_cast<float>(f));
-      for (int64_t c = 0; c < f; ++c) out[c] = std::exp(out[c] - peak) * inv_sqrt_f;
-      return peak - 0.5f * norm;
-    }
-  }
-  return 0.f;
-}
-
-struct HeadJob {
-  const LinearAttentionProblem* p;
-  const LinearAttentionTensors* t;
-  const Scratch* scratch;
-  int64_t num_features;
+// Splits `items` work items over at most `max_tasks` tasks of contiguous ranges.
+struct Split {
+  int64_t items = 0, tasks = 0;
+  int64_t Begin(int64_t task) const { return task * items / tasks; }
+  int64_t End(int64_t task) const { return (task + 1) * items / tasks; }
 };
 
-// One (batch, kv head): key features, then each query head of the group in turn.
-void RunKvHead(const HeadJob& job, int64_t task, float* key_features, float* key_shifts, float* state, float* qx,
-              float* qphi) {
-  const LinearAttentionProblem& p = *job.p;
-  const LinearAttentionTensors& t = *job.t;
-  const int64_t F = job.num_features, d = p.head_dim, dv = p.value_dim;
-  const int64_t b = task / p.kv_heads, kvh = task % p.kv_heads;
-  const int64_t group = p.q_heads / p.kv_heads;
-  const float root = std::sqrt(p.scale);
-  const float* k = t.k + (b * p.kv_heads + kvh) * p.kv_len * d;
-  const float* v = t.v + (b * p.kv_heads + kvh) * p.kv_len * dv;
-  const bool* kpm = t.key_padding_mask ? t.key_padding_mask + b * p.kv_len : nullptr;
-  const int64_t offset = p.kv_len - p.q_len;  // causal: query i sees keys j <= i + offset
-
-  // Key features; padded keys contribute nothing. Favor keys are rescaled to one common shift (the
-  // largest log feature of any visible key), which cancels in the ratio once eps is rescaled by it.
-  float key_shift = 0.f;
-  float* kx = qx;  // row buffer
-  for (int64_t j = 0; j < p.kv_len; ++j) {
-    float* row = key_features + j * F;
-    if (kpm && !kpm[j]) {
-      for (int64_t c = 0; c < F; ++c) row[c] = 0.f;
-      key_shifts[j] = -INFINITY;
-      continue;
-    }
-    for (int64_t a = 0; a < d; ++a) kx[a] = root * k[j * d + a];
-    key_shifts[j] = FeatureRow(p, kx, t.projection, 1.f, 1.f, row);
-  }
-  if (p.feature_map == FeatureMap::kFavor) {
-    key_shift = -INFINITY;
-    for (int64_t j = 0; j < p.kv_len; ++j) key_shift = key_shifts[j] > key_shift ? key_shifts[j] : key_shift;
-    if (!std::isfinite(key_shift)) key_shift = 0.f;
-    for (int64_t j = 0; j < p.kv_len; ++j) {
-      if (kpm && !kpm[j]) continue;
-      float* row = key_features + j * F;
-      const float factor = std::exp(key_shifts[j] - key_shift);
-      for (int64_t c = 0; c < F; ++c) row[c] *= factor;
-    }
-  }
-
-  // Mean of visible k̃ (taylor2 expansion around the mean logit): non-causal over all, causal prefix.
-  const bool taylor_mean = p.feature_map == FeatureMap::kTaylor2 && p.expansion_point == ExpansionPoint::kMean;
-  const bool taylor_max = p.feature_map == FeatureMap::kTaylor2 && p.expansion_point == ExpansionPoint::kMax;
-
-  for (int64_t g = 0; g < group; ++g) {
-    const int64_t qh = kvh * group + g;
-    const float* q = t.q + (b * p.q_heads + qh) * p.q_len * d;
-    float* y = t.y + (b * p.q_heads + qh) * p.q_len * dv;
-    for (int64_t c = 0; c < F * (dv + 1); ++c) state[c] = 0.f;
-    float* key_sum = qx + d;  // Σ visible k̃ (taylor mean)
-    for (int64_t a = 0; a < d; ++a) key_sum[a] = 0.f;
-    int64_t key_count = 0;
-    int64_t added = 0;  // keys folded into the state so far
-    auto add_key = [&](int64_t j) {
-      if (kpm && !kpm[j]) return;
-      const float* phi = key_features + j * F;
-      const float* vj = v + j * dv;
-      for (int64_t c = 0; c < F; ++c) {
-        float* s = state + c * (dv + 1);
-        const float f = phi[c];
-        for (int64_t e = 0; e < dv; ++e) s[e] += f * vj[e];
-        s[dv] += f;
-      }
-      if (taylor_mean) {
-        for (int64_t a = 0; a < d; ++a) key_sum[a] += root * k[j * d + a];
-      }
-      ++key_count;
-    };
-    if (!p.causal) {
-      for (int64_t j = 0; j < p.kv_len; ++j) add_key(j);
-      added = p.kv_len;
-    }
-    for (int64_t i = 0; i < p.q_len; ++i) {
-      if (p.causal) {
-        const int64_t limit = i + offset + 1 < p.kv_len ? i + offset + 1 : p.kv_len;
-        for (; added < limit; ++added) add_key(added);
-      }
-      float* qrow = qx + 2 * d;
-      for (int64_t a = 0; a < d; ++a) qrow[a] = root * q[i * d + a];
-      float lead = 1.f, slope = 1.f;
-      if (taylor_mean || taylor_max) {
-        float center = 0.f;
-        if (taylor_mean && key_count > 0) {
-          for (int64_t a = 0; a < d; ++a) center += qrow[a] * key_sum[a];
-          center /= static_cast<float>(key_count);
-        } else if (taylor_max) {
-          const int64_t limit = p.causal ? (i + offset + 1 < p.kv_len ? i + offset + 1 : p.kv_len) : p.kv_len;
-          float peak = -INFINITY;
-          for (int64_t j = 0; j < limit; ++j) {
-            if (kpm && !kpm[j]) continue;
-            float s = 0.f;
-            for (int64_t a = 0; a < d; ++a) s += q[i * d + a] * k[j * d + a];
-            peak = s * p.scale > peak ? s * p.scale : peak;
-          }
-          center = std::isfinite(peak) ? peak : 0.f;
-        }
-        lead = 1.f - center + 0.5f * center * center;
-        slope = 1.f - center;
-      }
-      const float q_shift = FeatureRow(p, qrow, t.projection, lead, slope, qphi);
-      float den = 0.f;
-      for (int64_t e = 0; e < dv; ++e) y[i * dv + e] = 0.f;
-      for (int64_t c = 0; c < F; ++c) {
-        const float f = qphi[c];
-        const float* s = state + c * (dv + 1);
-        for (int64_t e = 0; e < dv; ++e) y[i * dv + e] += f * s[e];
-        den += f * s[dv];
-      }
-      const float eps = p.feature_map == FeatureMap::kFavor ? p.eps * std::exp(-(q_shift + key_shift)) : p.eps;
-      const float inv = 1.f / (den + eps);
-      for (int64_t e = 0; e < dv; ++e) y[i * dv + e] = (den == 0.f) ? 0.f : y[i * dv + e] * inv;
-    }
-  }
+Split MakeSplit(int64_t items, int64_t max_tasks) {
+  Split s;
+  s.items = items;
+  s.tasks = Max(1, Min(items, max_tasks));
+  return s;
 }
 
 }  // namespace
 
 void LinearAttentionForward(const LinearAttentionProblem& p, const LinearAttentionTensors& t, const ThreadPool& pool,
                             const Scratch& scratch) {
-  const int64_t F = FeatureCount(p);
-  const int64_t tasks = p.batch * p.kv_heads;
-  // Per task: key features [Skv, F] and their shifts [Skv], state [F, Dv+1], row buffers.
-  const int64_t key_floats = p.kv_len * F;
-  const int64_t state_floats = F * (p.value_dim + 1);
-  const int64_t row_floats = 3 * p.head_dim + 1;
-  float* key_features = scratch.Get<float>(static_cast<size_t>(tasks * key_floats));
-  float* states = scratch.Get<float>(static_cast<size_t>(tasks * state_floats));
-  float* rows = scratch.Get<float>(static_cast<size_t>(tasks * row_floats));
-  float* qphi = scratch.Get<float>(static_cast<size_t>(tasks * (F + 1)));
-  float* key_shifts = scratch.Get<float>(static_cast<size_t>(tasks * (p.kv_len + 1)));
-  HeadJob job{&p, &t, &scratch, F};
-  auto body = [&](size_t task) {
-    const int64_t i = static_cast<int64_t>(task);
-    RunKvHead(job, i, key_features + i * key_floats, key_shifts + i * (p.kv_len + 1), states + i * state_floats,
-              rows + i * row_floats, qphi + i * (F + 1));
+  Plan pl;
+  pl.p = &p;
+  pl.t = &t;
+  pl.fm = p.feature_map;
+  pl.d = p.head_dim;
+  pl.dv = p.value_dim;
+  pl.F = FeatureCount(p);
+  pl.FP = RoundUp(pl.F, kWidth);
+  pl.DvP = RoundUp(pl.dv, kWidth);
+  pl.dP = RoundUp(pl.d, kWidth);
+  pl.group = p.q_heads / p.kv_heads;
+  pl.offset = p.kv_len - p.q_len;
+  pl.scale = p.scale;
+  pl.root = std::sqrt(p.scale);
+  pl.taylor = p.feature_map == FeatureMap::kTaylor2;
+  pl.taylor_mean = pl.taylor && p.expansion_point == ExpansionPoint::kMean;
+  pl.taylor_max = pl.taylor && p.expansion_point == ExpansionPoint::kMax;
+  pl.favor = p.feature_map == FeatureMap::kFavor;
+  pl.v_direct = pl.DvP == pl.dv;
+
+  const int64_t heads = p.batch * p.kv_heads;
+  const int64_t threads = Max(1, p.parallelism);
+  const int64_t y_rows = p.batch * p.q_heads;
+  if (p.kv_len == 0) {
+    std::memset(t.y, 0, sizeof(float) * y_rows * p.q_len * pl.dv);
+    return;
+  }
+
+  if (pl.favor) {  // √scale·W, padded rows
+    float* w = scratch.Get<float>(static_cast<size_t>(pl.d * pl.FP));
+    for (int64_t a = 0; a < pl.d; ++a) {
+      for (int64_t f = 0; f < pl.FP; ++f) w[a * pl.FP + f] = f < pl.F ? pl.root * t.projection[a * pl.F + f] : 0.f;
+    }
+    pl.w_rows = w;
+  }
+  if (pl.taylor_max) {  // scale·Kᵀ per (b, kv head), for the logits of the maximum
+    pl.kt_ld = RoundUp(p.kv_len, kWidth);
+    float* kt = scratch.Get<float>(static_cast<size_t>(heads * pl.d * pl.kt_ld));
+    auto body = [&](size_t task) {
+      const int64_t h = static_cast<int64_t>(task);
+      TransposeRows(t.k + h * p.kv_len * pl.d, pl.d, p.kv_len, p.scale, nullptr, kt + h * pl.d * pl.kt_ld, pl.kt_ld);
+    };
+    pool.For(static_cast<size_t>(heads), body);
+    pl.kt_all = kt;
+  }
+
+  if (!p.causal) {
+    // (1) Partial states over key ranges: enough tasks for the pool, each at least a few blocks.
+    const int64_t want = 4 * threads;
+    const int64_t min_keys = Max(4 * kKeyBlock, pl.F);
+    const int64_t ksplit = Max(1, Min(CeilDiv(want, heads), p.kv_len / min_keys));
+    float* states = scratch.Get<float>(static_cast<size_t>(heads * ksplit * StateFloats(pl)));
+    const Split key_split = MakeSplit(heads * ksplit, 8 * threads);
+    Bump key_bump;
+    TakeKeyWork(pl, key_bump);
+    float* key_work = scratch.Get<float>(static_cast<size_t>(key_split.tasks * key_bump.used));
+    auto key_body = [&](size_t task) {
+      Bump bump{key_work + static_cast<int64_t>(task) * key_bump.used, 0};
+      const KeyWork w = TakeKeyWork(pl, bump);
+      for (int64_t item = key_split.Begin(task); item < key_split.End(task); ++item) {
+        const int64_t h = item / ksplit, part = item % ksplit;
+        const State st = StateAt(pl, states, item);
+        ClearState(pl, st);
+        AccumulateKeys(pl, h / p.kv_heads, h % p.kv_heads, part * p.kv_len / ksplit, (part + 1) * p.kv_len / ksplit,
+                       st, w);
+      }
+    };
+    pool.For(static_cast<size_t>(key_split.tasks), key_body);
+    // (2) One state per head.
+    if (ksplit > 1) {
+      auto merge_body = [&](size_t task) {
+        const int64_t h = static_cast<int64_t>(task);
+        const State dst = StateAt(pl, states, h * ksplit);
+        for (int64_t part = 1; part < ksplit; ++part) MergeState(pl, dst, StateAt(pl, states, h * ksplit + part));
+      };
+      pool.For(static_cast<size_t>(heads), merge_body);
+    }
+    // (3) Queries.
+    const int64_t min_queries = 2 * kQueryBlock;
+    const int64_t qsplit = Max(1, Min(CeilDiv(want, y_rows), p.q_len / min_queries));
+    const Split query_split = MakeSplit(y_rows * qsplit, 8 * threads);
+    Bump query_bump;
+    TakeQueryWork(pl, query_bump, kQueryBlock);
+    float* query_work = scratch.Get<float>(static_cast<size_t>(query_split.tasks * query_bump.used));
+    auto query_body = [&](size_t task) {
+      Bump bump{query_work + static_cast<int64_t>(task) * query_bump.used, 0};
+      const QueryWork w = TakeQueryWork(pl, bump, kQueryBlock);
+      for (int64_t item = query_split.Begin(task); item < query_split.End(task); ++item) {
+        const int64_t row = item / qsplit, part = item % qsplit;
+        const int64_t b = row / p.q_heads, qh = row % p.q_heads;
+        const State st = StateAt(pl, states, (b * p.kv_heads + qh / pl.group) * ksplit);
+        QueryRows(pl, b, qh, part * p.q_len / qsplit, (part + 1) * p.q_len / qsplit, st, w);
+      }
+      simd::StreamFence();
+    };
+    pool.For(static_cast<size_t>(query_split.tasks), query_body);
+    return;
+  }
+
+  // Causal. Queries that see no key (i + Skv - Sq < 0) are zeros.
+  if (pl.offset < 0) {
+    const int64_t blind = Min(-pl.offset, p.q_len);
+    for (int64_t r = 0; r < y_rows; ++r) std::memset(t.y + r * p.q_len * pl.dv, 0, sizeof(float) * blind * pl.dv);
+  }
+  // Segments: with fewer heads than threads, split each sequence so every thread has work.
+  const int64_t chunks = CeilDiv(p.kv_len, kChunk);
+  int64_t segments = 1;
+  if (heads < threads) segments = Max(1, Min(CeilDiv(2 * threads, heads), chunks / 2));
+  auto seg_begin = [&](int64_t s) { return Min(p.kv_len, (s * chunks / segments) * kChunk); };
+  float* states = scratch.Get<float>(static_cast<size_t>(heads * segments * StateFloats(pl)));
+  if (segments > 1) {
+    // Key states of segments 0 .. T-2 (slot s), then inclusive prefix sums: slot s-1 becomes the
+    // state before segment s; segment 0 starts from slot T-1, cleared.
+    const Split split = MakeSplit(heads * (segments - 1), 8 * threads);
+    Bump key_bump;
+    TakeKeyWork(pl, key_bump);
+    float* key_work = scratch.Get<float>(static_cast<size_t>(split.tasks * key_bump.used));
+    auto key_body = [&](size_t task) {
+      Bump bump{key_work + static_cast<int64_t>(task) * key_bump.used, 0};
+      const KeyWork w = TakeKeyWork(pl, bump);
+      for (int64_t item = split.Begin(task); item < split.End(task); ++item) {
+        const int64_t h = item / (segments - 1), s = item % (segments - 1);
+        const State st = StateAt(pl, states, h * segments + s);
+        ClearState(pl, st);
+        AccumulateKeys(pl, h / p.kv_heads, h % p.kv_heads, seg_begin(s), seg_begin(s + 1), st, w);
+      }
+    };
+    pool.For(static_cast<size_t>(split.tasks), key_body);
+    auto prefix_body = [&](size_t task) {
+      const int64_t h = static_cast<int64_t>(task);
+      for (int64_t s = 1; s + 1 < segments; ++s) {
+        MergeState(pl, StateAt(pl, states, h * segments + s), StateAt(pl, states, h * segments + s - 1));
+      }
+      ClearState(pl, StateAt(pl, states, h * segments + segments - 1));
+    };
+    pool.For(static_cast<size_t>(heads), prefix_body);
+  }
+  const Split split = MakeSplit(heads * segments, 8 * threads);
+  Bump chunk_bump;
+  TakeChunkWork(pl, chunk_bump);
+  float* chunk_work = scratch.Get<float>(static_cast<size_t>(split.tasks * chunk_bump.used));
+  auto causal_body = [&](size_t task) {
+    Bump bump{chunk_work + static_cast<int64_t>(task) * chunk_bump.used, 0};
+    const ChunkWork w = TakeChunkWork(pl, bump);
+    for (int64_t item = split.Begin(task); item < split.End(task); ++item) {
+      const int64_t h = item / segments, s = item % segments;
+      const int64_t slot = segments == 1 ? h : h * segments + (s == 0 ? segments - 1 : s - 1);
+      const State st = StateAt(pl, states, slot);
+      if (segments == 1) ClearState(pl, st);
+      CausalRange(pl, h / p.kv_heads, h % p.kv_heads, seg_begin(s), seg_begin(s + 1), st, w);
+    }
+    simd::StreamFence();
   };
-  pool.For(static_cast<size_t>(tasks), body);
+  pool.For(static_cast<size_t>(split.tasks), causal_body);
 }
 
 }  // namespace attnexport::cpu::ATTNEXPORT_ISA

@@ -17,6 +17,9 @@ struct LinearAttentionProblem {
   bool causal = false;       // bottom-right aligned: query i sees key j iff j <= i + (Skv - Sq)
   FeatureMap feature_map = FeatureMap::kElu1;
   ExpansionPoint expansion_point = ExpansionPoint::kZero;  // taylor2 only
+  // How many threads the pool probably has (the C API cannot tell a kernel). Only a scheduling
+  // hint: how finely work is split; any value gives the same result.
+  int64_t parallelism = 1;
 };
 
 struct LinearAttentionTensors {

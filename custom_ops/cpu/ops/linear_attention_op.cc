@@ -3,6 +3,7 @@
 #include <cmath>
 #include <string>
 
+#include "common/shape_inference.h"
 #include "cpu/kernels/linear_attention.h"
 #include "cpu/ops/tensor_io.h"
 #include "ops.h"
@@ -80,11 +81,14 @@ struct LinearAttentionKernel {
     p.feature_map = feature_map_;
     p.expansion_point = expansion_point_;
 
+    p.parallelism = cpu::ParallelismHint();
+
+    const cpu::ThreadPool pool = cpu::PoolOf(raw_context);
     cpu::ScratchArena arena;
     cpu::LinearAttentionTensors t;
-    t.q = cpu::AsFloat32(q, arena);
-    t.k = cpu::AsFloat32(k, arena);
-    t.v = cpu::AsFloat32(v, arena);
+    t.q = cpu::AsFloat32(q, arena, pool);
+    t.k = cpu::AsFloat32(k, arena, pool);
+    t.v = cpu::AsFloat32(v, arena, pool);
     if (cpu::IsPresent(ctx, kKeyPaddingMask)) {
       auto mask = ctx.GetInput(kKeyPaddingMask);
       const auto m_shape = mask.GetTensorTypeAndShapeInfo().GetShape();
@@ -102,7 +106,7 @@ struct LinearAttentionKernel {
       Require(w_shape.size() == 2 && w_shape[0] == p.head_dim && w_shape[1] > 0,
               "projection must be [Dk, F] with Dk = " + std::to_string(p.head_dim) + "; got " + ShapeString(w_shape));
       p.num_features = w_shape[1];
-      t.projection = cpu::AsFloat32(w, arena);
+      t.projection = cpu::AsFloat32(w, arena, pool);
     }
 
     const std::vector<int64_t> y_shape = {p.batch, p.q_heads, p.q_len, p.value_dim};
@@ -113,11 +117,11 @@ struct LinearAttentionKernel {
                      : static_cast<float*>(arena.Allocate(static_cast<size_t>(y_count) * sizeof(float)));
     t.y = y32;
     if (y_count > 0) {
-      ATTNEXPORT_ISA_DISPATCH(LinearAttentionForward)(p, t, cpu::PoolOf(raw_context), arena.Handle());
+      ATTNEXPORT_ISA_DISPATCH(LinearAttentionForward)(p, t, pool, arena.Handle());
     }
     if (dtype == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) {
-      Ort::Float16_t* out = y.GetTensorMutableData<Ort::Float16_t>();
-      for (int64_t i = 0; i < y_count; ++i) out[i] = Ort::Float16_t(y32[i]);
+      uint16_t* out = reinterpret_cast<uint16_t*>(y.GetTensorMutableData<Ort::Float16_t>());
+      cpu::ConvertFloatToHalf(y32, out, static_cast<size_t>(y_count), pool);
     }
   }
   ATTNEXPORT_COMPUTE_V2(kName)
@@ -143,14 +147,9 @@ struct LinearAttentionOp : OpBase<LinearAttentionOp, LinearAttentionKernel> {
   size_t GetOutputTypeCount() const { return 1; }
   ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED; }
 
-  // Y = [B, Hq, Sq, Dv]: batch, heads and length of Q, value dim of V.
-  static Ort::Status InferOutputShape(Ort::ShapeInferContext& ctx) {
-    auto q = ctx.GetInputShape(kQ);
-    auto v = ctx.GetInputShape(kV);
-    if (q.size() != 4 || v.size() != 4) return Ort::Status("LinearAttention: Q and V must be 4-D", ORT_INVALID_ARGUMENT);
-    Ort::ShapeInferContext::Shape y = {q[0], q[1], q[2], v[3]};
-    ctx.SetOutputShape(0, y);
-    return Ort::Status(nullptr);
+  // Y = [B, Hq, Sq, Dv] of Q's type: batch, heads and length of Q, value dim of V.
+  static OrtStatusPtr InferShapes(OrtShapeInferContext* ctx) {
+    return InferOutputFromInputs(ctx, 0, kQ, {{kQ, 0}, {kQ, 1}, {kQ, 2}, {kV, 3}}, kName);
   }
 };
 

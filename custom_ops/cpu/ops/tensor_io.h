@@ -6,9 +6,11 @@
 #include <cstring>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "common/op_base.h"
+#include "cpu/kernels/convert.h"
 #include "cpu/kernels/kernel_api.h"
 
 namespace attnexport::cpu {
@@ -65,22 +67,62 @@ inline ThreadPool PoolOf(OrtKernelContext* context) {
   return pool;
 }
 
-// A float tensor input seen as float32: float16 inputs are converted into arena memory.
-inline const float* AsFloat32(const Ort::ConstValue& value, ScratchArena& arena) {
+// How many threads ORT's intra-op pool probably has: the C API does not tell a kernel, so this is
+// the machine's hardware concurrency (ORT's default pool size). Kernels use it only to decide how
+// finely to split work; results never depend on it.
+inline int64_t ParallelismHint() {
+  static const int64_t hint = [] {
+    const unsigned n = std::thread::hardware_concurrency();
+    return static_cast<int64_t>(n == 0 ? 1 : n);
+  }();
+  return hint;
+}
+
+// float16 <-> float32 of `count` elements, in blocks on the pool (ISA variant: F16C where present).
+inline void ConvertHalfToFloat(const uint16_t* src, float* dst, size_t count, const ThreadPool& pool) {
+  constexpr size_t kBlock = size_t{1} << 16;
+  const size_t blocks = (count + kBlock - 1) / kBlock;
+  const auto convert = ATTNEXPORT_ISA_DISPATCH(HalfToFloat);
+  auto body = [&](size_t b) {
+    const size_t begin = b * kBlock, n = count - begin < kBlock ? count - begin : kBlock;
+    convert(src + begin, dst + begin, n);
+  };
+  pool.For(blocks, body);
+}
+
+inline void ConvertFloatToHalf(const float* src, uint16_t* dst, size_t count, const ThreadPool& pool) {
+  constexpr size_t kBlock = size_t{1} << 16;
+  const size_t blocks = (count + kBlock - 1) / kBlock;
+  const auto convert = ATTNEXPORT_ISA_DISPATCH(FloatToHalf);
+  auto body = [&](size_t b) {
+    const size_t begin = b * kBlock, n = count - begin < kBlock ? count - begin : kBlock;
+    convert(src + begin, dst + begin, n);
+  };
+  pool.For(blocks, body);
+}
+
+// A float tensor input seen as float32: float16 inputs are converted into arena memory (on the
+// pool when one is given).
+inline const float* AsFloat32(const Ort::ConstValue& value, ScratchArena& arena, const ThreadPool& pool) {
   auto info = value.GetTensorTypeAndShapeInfo();
   const size_t count = info.GetElementCount();
   switch (info.GetElementType()) {
     case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT:
       return value.GetTensorData<float>();
     case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: {
-      const Ort::Float16_t* src = value.GetTensorData<Ort::Float16_t>();
+      static_assert(sizeof(Ort::Float16_t) == sizeof(uint16_t), "Ort::Float16_t is 16 bits");
+      const uint16_t* src = reinterpret_cast<const uint16_t*>(value.GetTensorData<Ort::Float16_t>());
       float* dst = static_cast<float*>(arena.Allocate(count * sizeof(float)));
-      for (size_t i = 0; i < count; ++i) dst[i] = src[i].ToFloat();
+      ConvertHalfToFloat(src, dst, count, pool);
       return dst;
     }
     default:
       throw InvalidArgument("expected a float32 or float16 tensor");
   }
+}
+
+inline const float* AsFloat32(const Ort::ConstValue& value, ScratchArena& arena) {
+  return AsFloat32(value, arena, ThreadPool{});
 }
 
 inline bool IsPresent(const Ort::KernelContext& ctx, size_t index) {
