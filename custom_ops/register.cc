@@ -20,6 +20,7 @@ void CreateDomain() {
   const OrtApi& api = Ort::GetApi();
   std::vector<const OrtCustomOp*> ops = {
       attnexport::LinearAttentionCpuOp(),
+      attnexport::SparseAttentionCpuOp(),
 #if defined(ATTNEXPORT_WITH_CUDA)
       attnexport::LinearAttentionCudaOp(),
 #endif

@@ -42,7 +42,7 @@ import onnx_ir as ir
 from onnx import TensorProto, helper, numpy_helper
 
 from attnexport.errors import UnsupportedError
-from attnexport.ops import linear_attention
+from attnexport.ops import linear_attention, sparse_attention
 from attnexport.ops.function_builder import MIN_ML_OPSET, MIN_OPSET, ML_DOMAIN, Placeholder
 from attnexport.ops.schema import DOMAIN, DOMAIN_VERSION, OpSchema
 
@@ -50,6 +50,7 @@ from attnexport.ops.schema import DOMAIN, DOMAIN_VERSION, OpSchema
 # placeholders(variants) -> {input name: Placeholder}. Adding an op is one line here.
 REGISTRY: dict[str, ModuleType] = {
     linear_attention.SCHEMA.name: linear_attention,
+    sparse_attention.SCHEMA.name: sparse_attention,
 }
 
 FUNCTION_IR_VERSION = 9  # FunctionProto.attribute_proto (defaults)

@@ -181,3 +181,111 @@ def softmax_attention(
     weights = np.exp(logits - row_max)
     total = weights.sum(axis=-1, keepdims=True)
     return np.where(total > 0, (weights @ v) / np.where(total > 0, total, 1.0), 0.0)
+
+
+# -- SparseAttention ---------------------------------------------------------------------------
+
+# BigBird random blocks are a hash of (seed, query block, r) taken modulo the number of key blocks,
+# computed in integer arithmetic that never leaves [0, 2^62) (so numpy, the ONNX function's int64
+# ops and the C++ kernel agree bit for bit, with no overflow): M = 2^31 - 1 (a prime), A = 48271,
+#   round(h, v) = A * ((((h + v) mod M)^2) mod M) mod M
+#   random_key_block(seed, qb, r, nkb) = round(round(seed mod M, qb + 1), r + 1) mod nkb.
+RANDOM_BLOCK_MODULUS = 2147483647
+RANDOM_BLOCK_MULTIPLIER = 48271
+
+
+def _random_round(h, v):
+    m = RANDOM_BLOCK_MODULUS
+    t = (h + v) % m
+    return (RANDOM_BLOCK_MULTIPLIER * ((t * t) % m)) % m
+
+
+def random_key_block(seed, query_block, r, num_key_blocks):
+    """The r-th random key block of query block `query_block` (ints or int64 arrays, broadcast)."""
+    h = np.asarray(seed, dtype=np.int64) % RANDOM_BLOCK_MODULUS
+    h = _random_round(_random_round(h, np.asarray(query_block, dtype=np.int64) + 1), np.asarray(r, dtype=np.int64) + 1)
+    return h % np.int64(num_key_blocks)
+
+
+def sparse_pattern(
+    q_len: int,
+    kv_len: int,
+    *,
+    causal: int = 0,
+    window_left: int = -1,
+    window_right: int = -1,
+    dilation: int = 1,
+    num_global: int = 0,
+    block_size: int = 0,
+    num_random_blocks: int = 0,
+    seed: int = 0,
+) -> np.ndarray:
+    """Boolean [Sq, Skv]: is key j in SparseAttention's pattern for query i (key padding aside)?
+
+    With i' = i + (Skv - Sq) (the query's position, bottom-right aligned) and o = j - i':
+      causal (if set) and (window or global or random), where
+      window:  (window_left < 0 or o >= -window_left) and (window_right < 0 or o <= window_right)
+               and o % dilation == 0;
+      global:  j < num_global (a global key) or 0 <= i' < num_global (a global query);
+      random:  block_size > 0, i' >= 0 and j // block_size is one of random_key_block(seed, i' // block_size,
+               r, ceil(Skv / block_size)) for r < num_random_blocks.
+    Dilation thins the window only; global and random keys are visible whatever their offset.
+    """
+    _check_sparse(window_left, window_right, dilation, num_global, block_size, num_random_blocks, seed)
+    pos = np.arange(q_len, dtype=np.int64)[:, None] + (kv_len - q_len)  # i'
+    key = np.arange(kv_len, dtype=np.int64)[None, :]
+    offset = key - pos
+    window = offset % dilation == 0
+    if window_left >= 0:
+        window &= offset >= -window_left
+    if window_right >= 0:
+        window &= offset <= window_right
+    visible = window | (key < num_global) | ((pos >= 0) & (pos < num_global))
+    if block_size > 0 and num_random_blocks > 0 and kv_len > 0:
+        num_key_blocks = -(-kv_len // block_size)
+        query_block = np.where(pos >= 0, pos // block_size, 0)  # [Sq, 1]
+        key_block = key // block_size
+        for r in range(num_random_blocks):
+            chosen = random_key_block(seed, query_block, r, num_key_blocks)  # [Sq, 1]
+            visible |= (pos >= 0) & (key_block == chosen)
+    if causal:
+        visible &= offset <= 0
+    return visible
+
+
+def _check_sparse(window_left, window_right, dilation, num_global, block_size, num_random_blocks, seed) -> None:
+    if window_left < -1 or window_right < -1:
+        raise ValueError(f"window_left/window_right must be >= -1 (-1 = unbounded), got {window_left}/{window_right}")
+    if dilation < 1:
+        raise ValueError(f"dilation must be >= 1, got {dilation}")
+    if num_global < 0 or block_size < 0 or num_random_blocks < 0 or seed < 0:
+        raise ValueError("num_global, block_size, num_random_blocks and seed must be >= 0")
+
+
+def sparse_attention(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    key_padding_mask: np.ndarray | None = None,
+    attn_bias: np.ndarray | None = None,
+    *,
+    scale: float | None = None,
+    causal: int = 0,
+    window_left: int = -1,
+    window_right: int = -1,
+    dilation: int = 1,
+    num_global: int = 0,
+    block_size: int = 0,
+    num_random_blocks: int = 0,
+    seed: int = 0,
+) -> np.ndarray:
+    """SparseAttention, dense masked form, float64: softmax over the keys of `sparse_pattern` (and
+    key_padding_mask) of scale * q.k + attn_bias; rows with no visible key (or only -inf logits) give 0."""
+    q_len, kv_len = np.shape(q)[2], np.shape(k)[2]
+    if scale is None or (isinstance(scale, float) and math.isnan(scale)):
+        scale = default_scale(np.shape(q)[3])
+    pattern = sparse_pattern(q_len, kv_len, causal=causal, window_left=window_left, window_right=window_right,
+                             dilation=dilation, num_global=num_global, block_size=block_size,
+                             num_random_blocks=num_random_blocks, seed=seed)
+    return softmax_attention(q, k, v, key_padding_mask, scale=scale, attn_bias=attn_bias,
+                             allowed=pattern[None, None])

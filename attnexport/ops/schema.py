@@ -123,4 +123,35 @@ LINEAR_ATTENTION = OpSchema(
     ),
 )
 
-SCHEMAS: dict[str, OpSchema] = {LINEAR_ATTENTION.name: LINEAR_ATTENTION}
+SPARSE_ATTENTION = OpSchema(
+    name="SparseAttention",
+    doc=(
+        "exact softmax attention restricted to a pattern: with i' = i + Skv - Sq, key j is visible to "
+        "query i when causal allows it (j <= i') and either -window_left <= j - i' <= window_right with "
+        "(j - i') % dilation == 0, or j < num_global, or 0 <= i' < num_global, or j lies in one of the "
+        "BigBird random key blocks of query block i' // block_size; key_padding_mask hides keys; "
+        "attn_bias is added to the logits; a row with no visible key gives 0. See "
+        "attnexport/ops/sparse_attention.py for the random blocks."
+    ),
+    inputs=(
+        InputSpec("Q", "[B, Hq, Sq, Dk]"),
+        InputSpec("K", "[B, Hkv, Skv, Dk]"),
+        InputSpec("V", "[B, Hkv, Skv, Dv]"),
+        InputSpec("key_padding_mask", "[B, Skv] bool, true = attend", optional=True),
+        InputSpec("attn_bias", "additive bias of Q's type, broadcastable to [B, Hq, Sq, Skv]", optional=True),
+    ),
+    outputs=(InputSpec("Y", "[B, Hq, Sq, Dv]"),),
+    attributes=(
+        SCALE,
+        CAUSAL,
+        AttributeSpec("window_left", "int", -1, "keys up to this many positions before i' are in the window; -1 = unbounded"),
+        AttributeSpec("window_right", "int", -1, "keys up to this many positions after i' are in the window; -1 = unbounded"),
+        AttributeSpec("dilation", "int", 1, "window keys are those with (j - i') % dilation == 0 (>= 1)"),
+        AttributeSpec("num_global", "int", 0, "the first num_global positions see and are seen by every position"),
+        AttributeSpec("block_size", "int", 0, "BigBird random blocks: block size (0 = no random blocks)"),
+        AttributeSpec("num_random_blocks", "int", 0, "BigBird random key blocks per query block"),
+        AttributeSpec("seed", "int", 0, "seed of the random blocks (>= 0)"),
+    ),
+)
+
+SCHEMAS: dict[str, OpSchema] = {LINEAR_ATTENTION.name: LINEAR_ATTENTION, SPARSE_ATTENTION.name: SPARSE_ATTENTION}
