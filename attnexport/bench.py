@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -31,10 +32,13 @@ def bench_pair(original: str, converted: str, seq_lens: list[int], *, batch: int
 
 
 def _point(model: str, seq_len: int, batch: int, threads: int | None, repeat: int, *, with_library: bool) -> dict:
-    command = [sys.executable, "-m", "attnexport.bench", model, str(seq_len), str(batch), str(threads or 0),
-               str(repeat), "1" if with_library else "0"]
+    command = [sys.executable, "-m", "attnexport.bench", os.path.abspath(model), str(seq_len), str(batch),
+               str(threads or 0), str(repeat), "1" if with_library else "0"]
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
+        # From a neutral directory: `python -m` puts the working directory first on sys.path, and a
+        # source checkout there would shadow the installed package (and its built library).
+        done = subprocess.run(command, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S,
+                              cwd=tempfile.gettempdir())
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {WORKER_TIMEOUT_S} s"}
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]

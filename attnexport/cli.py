@@ -111,22 +111,34 @@ def inspect(model, inputs_path, as_json):
 @click.option("--expansion-point", default="zero", show_default=True, type=click.Choice(["zero", "mean", "max"]),
               help="taylor2: where exp is expanded, per query row.")
 @click.option("--num-features", type=int, help="favor: number of random features (default 2 * head dim).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of random draws (favor), recorded.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of random draws (favor, sparse random blocks), recorded.")
 @click.option("--eps", type=float, default=1e-6, show_default=True, help="Added to linear attention's normaliser.")
+@click.option("--window", help="sparse: one-sided window W (2W+1 keys, W+1 on causal sites) or 'full' "
+              "(default: the site's own pattern).")
+@click.option("--dilation", type=int, default=1, show_default=True, help="sparse: every D-th key of the window.")
+@click.option("--global", "num_global", type=int, default=0, show_default=True,
+              help="sparse: the first G positions attend and are attended everywhere.")
+@click.option("--random-blocks", type=int, default=0, show_default=True,
+              help="sparse: BigBird random key blocks per query block (needs --block-size).")
+@click.option("--block-size", type=int, default=0, show_default=True, help="sparse: block size of the random blocks.")
+@click.option("--causal-only", is_flag=True, help="sparse: replace causal sites only.")
 @click.option("--layers", help="Sites to replace, e.g. 0,2,5-7 (default: all).")
 @click.option("--min-seq-len", type=int, help="Keep sites whose static sequence length is shorter.")
 @click.option("--inputs", "inputs_path", type=click.Path(exists=True, dir_okay=False),
               help="Probe with these inputs (.npz) instead of synthesised ones.")
 @click.option("--dry-run", is_flag=True, help="Print the plan; write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-def convert(model, output, method, feature_map, expansion_point, num_features, seed, eps, layers, min_seq_len,
-            inputs_path, dry_run, as_json):
+def convert(model, output, method, feature_map, expansion_point, num_features, seed, eps, window, dilation, num_global,
+            random_blocks, block_size, causal_only, layers, min_seq_len, inputs_path, dry_run, as_json):
     """Replace the softmax attention of MODEL and write the converted model."""
     from attnexport.api import convert as run_convert
     from attnexport.methods import MethodOptions
 
     options = MethodOptions(feature_map=feature_map, expansion_point=expansion_point, eps=eps,
-                            num_features=num_features, seed=seed)
+                            num_features=num_features, seed=seed, window=_window(window), dilation=dilation,
+                            num_global=num_global, random_blocks=random_blocks, block_size=block_size,
+                            causal_only=causal_only)
     status = err_console.status("converting", spinner="dots") if not as_json else None
     if status:
         status.start()
@@ -155,6 +167,23 @@ def convert(model, output, method, feature_map, expansion_point, num_features, s
         console.print("dry run: nothing written")
     else:
         console.print(f"replaced {result.replaced} of {len(result.sites)} sites → {result.output_path}")
+
+
+def _window(text):
+    """--window: a size >= 0, or 'full' (-1, unbounded); None when not given."""
+    if text is None:
+        return None
+    if text.strip().lower() in ("full", "inf", "unbounded"):
+        return -1
+    try:
+        value = int(text)
+    except ValueError:
+        value = -2
+    if value < 0:
+        from attnexport.errors import UnsupportedError
+
+        raise UnsupportedError(f"--window {text}: give a size >= 0 or 'full'")
+    return value
 
 
 # -- verify --------------------------------------------------------------------------------------------
@@ -225,6 +254,10 @@ def bench(original, converted, seq_lens, batch, threads, repeat, as_json):
         table.add_row(str(r["seq_len"]), _fmt(r["original"].get("median_ms")), _fmt(r["converted"].get("median_ms")),
                       _fmt(r.get("speedup"), "×"), _fmt(r["original"].get("peak_mb")), _fmt(r["converted"].get("peak_mb")))
     console.print(table)
+    for r in rows:
+        for which in ("original", "converted"):
+            if "error" in r[which]:
+                console.print(f"{which} at seq len {r['seq_len']}: {r[which]['error']}", markup=False)
 
 
 def _fmt(value, suffix="") -> str:
