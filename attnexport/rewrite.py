@@ -16,7 +16,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 from attnexport import __version__
 from attnexport.ops.schema import DOMAIN, DOMAIN_VERSION
 from attnexport.plan import Plan, SitePlan
-from attnexport.sites import Operand
+from attnexport.sites import Operand, Projection
 
 METADATA_PLAN = "attnexport.plan"
 METADATA_VERSION = "attnexport.version"
@@ -79,19 +79,62 @@ class _Graph:
         return cast.outputs[0], [cast]
 
 
-def _to_bhsd(g: _Graph, operand: Operand, stem: str) -> tuple[ir.Value, list[ir.Node]]:
-    value = g.value(operand.value)
+def _to_bhsd(g: _Graph, operand: Operand, stem: str, source: ir.Value | None = None) -> tuple[ir.Value, list[ir.Node]]:
+    """Nodes that bring `operand` to [B, H, S, D] (see Operand for the order of the steps)."""
+    value = source if source is not None else g.value(operand.value)
     nodes: list[ir.Node] = []
+    if operand.bias is not None:
+        start, end = operand.bias_range
+        bounds = [g.initializer(f"{stem}_bias_{n}", np.array([x], dtype=np.int64))
+                  for n, x in (("start", start), ("end", end), ("axis", 0))]
+        part = g.node("Slice", [g.value(operand.bias), *bounds], stem=f"{stem}_bias")
+        add = g.node("Add", [value, part.outputs[0]], stem=f"{stem}_add_bias")
+        nodes += [part, add]
+        value = add.outputs[0]
     if operand.packed_heads is not None:
         shape = g.initializer(f"{stem}_heads_shape", np.array([0, 0, operand.packed_heads, -1], dtype=np.int64))
         reshape = g.node("Reshape", [value, shape], stem=f"{stem}_split_heads")
         transpose = g.node("Transpose", [reshape.outputs[0]], {"perm": [0, 2, 1, 3]}, stem=f"{stem}_bhsd")
-        return transpose.outputs[0], [reshape, transpose]
+        return transpose.outputs[0], nodes + [reshape, transpose]
     if operand.perm is not None:
         transpose = g.node("Transpose", [value], {"perm": list(operand.perm)}, stem=f"{stem}_bhsd")
         nodes.append(transpose)
         value = transpose.outputs[0]
     return value, nodes
+
+
+def _project(g: _Graph, projection: Projection, stem: str) -> tuple[list[ir.Value], list[ir.Node]]:
+    """qkv = input @ weight (+ bias), split into Q, K, V ([B, S, H*D] each)."""
+    matmul = g.node("MatMul", [g.value(projection.input), g.value(projection.weight)], stem=f"{stem}_qkv")
+    nodes = [matmul]
+    qkv = matmul.outputs[0]
+    if projection.bias is not None:
+        add = g.node("Add", [qkv, g.value(projection.bias)], stem=f"{stem}_qkv_bias")
+        nodes.append(add)
+        qkv = add.outputs[0]
+    sizes = g.initializer(f"{stem}_qkv_sizes", np.array(projection.sizes, dtype=np.int64))
+    split = ir.node("Split", [qkv, sizes], {"axis": -1}, num_outputs=3, name=g.fresh(f"{stem}_qkv_split"))
+    for out in split.outputs:
+        out.name = g.fresh(f"{stem}_qkv_part")
+        g.values[out.name] = out
+    nodes.append(split)
+    return list(split.outputs), nodes
+
+
+def _key_padding_from_lengths(g: _Graph, lengths_name: str, k: ir.Value, stem: str) -> tuple[ir.Value, list[ir.Node]]:
+    """[B, Skv] bool: key j is real iff j < length[b] (com.microsoft end-position masks)."""
+    lengths = g.value(lengths_name)
+    shape = g.node("Shape", [k], stem=f"{stem}_k_shape")
+    two = g.initializer(f"{stem}_axis2", np.array(2, dtype=np.int64))
+    kv_len = g.node("Gather", [shape.outputs[0], two], {"axis": 0}, stem=f"{stem}_kv_len")
+    zero = g.initializer(f"{stem}_zero", np.array(0, dtype=np.int64))
+    one = g.initializer(f"{stem}_one", np.array(1, dtype=np.int64))
+    positions = g.node("Range", [zero, kv_len.outputs[0], one], stem=f"{stem}_positions")
+    cast = g.node("Cast", [lengths], {"to": ir.DataType.INT64}, stem=f"{stem}_lengths")
+    axis1 = g.initializer(f"{stem}_axis1", np.array([1], dtype=np.int64))
+    column = g.node("Unsqueeze", [cast.outputs[0], axis1], stem=f"{stem}_lengths_column")
+    less = g.node("Less", [positions.outputs[0], column.outputs[0]], stem=f"{stem}_key_padding_mask")
+    return less.outputs[0], [shape, kv_len, positions, cast, column, less]
 
 
 def _from_bhsd(g: _Graph, y: ir.Value, layout: str, stem: str) -> tuple[ir.Value, list[ir.Node]]:
@@ -116,19 +159,33 @@ def _replace_site(g: _Graph, site_plan: SitePlan) -> None:
     replacement = site_plan.replacement
     stem = f"site{site.index}"
     new_nodes: list[ir.Node] = []
-    q, nodes = _to_bhsd(g, site.q, f"{stem}_q")
+    sources: list[ir.Value | None] = [None, None, None]
+    if site.projection is not None:
+        sources, nodes = _project(g, site.projection, stem)
+        new_nodes += nodes
+    q, nodes = _to_bhsd(g, site.q, f"{stem}_q", sources[0])
     new_nodes += nodes
-    k, nodes = _to_bhsd(g, site.k, f"{stem}_k")
+    k, nodes = _to_bhsd(g, site.k, f"{stem}_k", sources[1])
     new_nodes += nodes
-    v, nodes = _to_bhsd(g, site.v, f"{stem}_v")
+    v, nodes = _to_bhsd(g, site.v, f"{stem}_v", sources[2])
     new_nodes += nodes
     inputs: dict[str, ir.Value | None] = {"Q": q, "K": k, "V": v}
     if site.mask.key_padding_input:
-        flags, nodes = g.key_padding_flags(site.mask.key_padding_input)
+        if site.mask.key_padding_kind == "end_positions":
+            flags, nodes = _key_padding_from_lengths(g, site.mask.key_padding_input, k, stem)
+        else:
+            flags, nodes = g.key_padding_flags(site.mask.key_padding_input)
         inputs["key_padding_mask"] = flags
         new_nodes += nodes
     for name, array in replacement.extra_inputs.items():
         inputs[name] = g.initializer(f"{stem}_{name}", array)
+    for name, value_name in replacement.value_inputs.items():  # graph values the op reads (attn_bias)
+        value, dtype = g.value(value_name), g.value(site.q.value).dtype
+        if value.dtype is not None and dtype is not None and value.dtype != dtype:
+            cast = g.node("Cast", [value], {"to": dtype}, stem=f"{stem}_{name}")
+            new_nodes.append(cast)
+            value = cast.outputs[0]
+        inputs[name] = value
     schema = replacement.op
     ordered = [inputs.get(spec.name) for spec in schema.inputs]
     while ordered and ordered[-1] is None:

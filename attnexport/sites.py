@@ -30,8 +30,11 @@ class MaskInfo:
     # key j is visible to query i iff -window_left <= j - i' <= window_right. None = unbounded.
     window_left: int | None = None
     window_right: int | None = None
-    # Graph input whose [B, Skv] entries say which keys are real (non-zero = attend).
+    # The value that says which keys are real: a [B, Skv] tensor (non-zero = attend) when
+    # key_padding_kind is "flags", or a [B] tensor of valid lengths (keys j < length[b] are real; the
+    # right-padding convention of com.microsoft ops' mask_index / key_padding_mask) for "end_positions".
     key_padding_input: str | None = None
+    key_padding_kind: str = "flags"
     # Value holding an additive bias (kind "bias"), broadcastable to [B, H, Sq, Skv].
     bias_value: str | None = None
     detail: str = ""
@@ -51,17 +54,38 @@ class MaskInfo:
 
 @dataclass
 class Operand:
-    """A site's Q, K or V: a graph value and the permutation that brings it to [B, H, S, D]."""
+    """A site's Q, K or V: a graph value and how it becomes [B, H, S, D].
+
+    In order: `bias[bias_range]` is added (fused ops that add the projection bias inside), the last
+    axis is split into `packed_heads` heads ([B, S, H*D] → [B, H, S, D]), or `perm` is applied.
+    """
 
     value: str
     perm: tuple[int, ...] | None = None  # None: already [B, H, S, D]
-    # 3-D [B, S, H*D] inputs (ONNX Attention with packed heads) carry their head count here.
+    # 3-D [B, S, H*D] inputs (ONNX Attention with packed heads, com.microsoft ops) carry their head count.
     packed_heads: int | None = None
+    bias: str | None = None
+    bias_range: tuple[int, int] | None = None
 
     def describe(self) -> str:
+        text = self.value
+        if self.bias is not None:
+            text += f" + {self.bias}[{self.bias_range[0]}:{self.bias_range[1]}]"
         if self.packed_heads is not None:
-            return f"{self.value} (3-D, {self.packed_heads} heads)"
-        return self.value if self.perm is None else f"{self.value} (perm {list(self.perm)})"
+            return f"{text} (3-D, {self.packed_heads} heads)"
+        return text if self.perm is None else f"{text} (perm {list(self.perm)})"
+
+
+@dataclass
+class Projection:
+    """Q, K and V computed inside a fused op from one packed projection (com.microsoft Attention):
+    qkv = input @ weight (+ bias), split along the last axis into `sizes`, each with `heads` heads."""
+
+    input: str
+    weight: str
+    bias: str | None
+    sizes: tuple[int, int, int]
+    heads: int
 
 
 @dataclass
@@ -73,6 +97,7 @@ class AttentionSite:
     k: Operand
     v: Operand
     output: str  # the value the replacement takes over ([B, Hq, Sq, Dv] unless output_layout says otherwise)
+    projection: Projection | None = None  # set when Q/K/V must first be computed (then q/k/v name the parts)
     output_layout: str = "bhsd"  # "bhsd", "bsd" (3-D packed heads) or "bh_merged" ([B*H, S, Dv])
     num_heads: int = 0
     num_kv_heads: int = 0

@@ -12,12 +12,12 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from attnexport.match import decomposed, onnx_attention
+from attnexport.match import decomposed, ms_contrib, onnx_attention
 from attnexport.match.probing import run_probes
 from attnexport.probe import ProbeError
 from attnexport.sites import AttentionSite
 
-MATCHERS = (decomposed.find_candidates, onnx_attention.find_candidates)
+MATCHERS = (decomposed.find_candidates, onnx_attention.find_candidates, ms_contrib.find_candidates)
 
 
 def find_candidates(model: ir.Model) -> list:
