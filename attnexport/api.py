@@ -78,7 +78,7 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, me
     if _signature(model) != signature:
         raise AttnExportError("internal error: the rewrite changed the graph's inputs or outputs; nothing written")
     say("checking and writing")
-    model_io.save_atomic(model, output, validate=_check_model_file)
+    model_io.save_atomic(model, output, validate=lambda path: _check_model_file(path, model_path))
     return ConvertResult(str(model_path), str(output), plan, sites)
 
 
@@ -87,13 +87,32 @@ def _signature(model: ir.Model):
             [(v.name, v.dtype) for v in model.graph.outputs])
 
 
-def _check_model_file(path: str) -> None:
-    """The onnx checker (with shape inference) must pass on what we write."""
+def _check_model_file(path: str, input_path: str | Path) -> None:
+    """What we write must pass the onnx checker (with shape inference) — unless the input already fails
+    it (models with ORT-internal ops in the default domain, e.g. from ORT's optimizers); then it must
+    at least load in ONNX Runtime, with and without the op library."""
+    problem = _checker_problem(path)
+    if problem is None:
+        return
+    if _checker_problem(str(input_path)) is None:
+        raise AttnExportError(f"internal error: the converted model fails the onnx checker ({problem}); nothing written")
+    from attnexport.runtime import create_session
+
+    for with_library in (True, False):
+        try:
+            create_session(path, with_library=with_library, quiet=True)
+        except Exception as e:
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            raise AttnExportError(f"internal error: the converted model does not load in ONNX Runtime ({first}); "
+                                  "nothing written") from None
+
+
+def _checker_problem(path: str) -> str | None:
     try:
         onnx.checker.check_model(path, full_check=True)
+        return None
     except Exception as e:
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        raise AttnExportError(f"internal error: the converted model fails the onnx checker ({first}); nothing written") from None
+        return str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
 
 
 class InferenceSession(ort.InferenceSession):

@@ -104,6 +104,10 @@ def save_atomic(model: ir.Model, output_path: str | os.PathLike, *, external_dat
     data_name = dst.name + ".data"
     fd, tmp_model = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
     os.close(fd)
+    # mkstemp makes 0600 files; what we write should carry the user's usual permissions.
+    umask = os.umask(0)
+    os.umask(umask)
+    mode = 0o666 & ~umask
     tmp_data = dst.parent / f".{data_name}.tmp{os.getpid()}"
     try:
         if external_data:
@@ -119,11 +123,13 @@ def save_atomic(model: ir.Model, output_path: str | os.PathLike, *, external_dat
                 f.write(proto.SerializeToString())
             if validate is not None:
                 _validate_with_data(validate, tmp_model, tmp_data, data_name)
+            os.chmod(tmp_data, mode)
             os.replace(tmp_data, dst.parent / data_name)
         else:
             ir.save(model, tmp_model)
             if validate is not None:
                 validate(tmp_model)
+        os.chmod(tmp_model, mode)
         os.replace(tmp_model, dst)
     except BaseException:
         for leftover in (Path(tmp_model), tmp_data):
