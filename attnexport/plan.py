@@ -99,7 +99,7 @@ def make_plan(sites: list[AttentionSite], method: str, options: MethodOptions | 
         elif min_seq_len and site.extra.get("static_kv_len") and site.extra["static_kv_len"] < min_seq_len:
             reason = f"sequence length {site.extra['static_kv_len']} is below --min-seq-len {min_seq_len}"
         else:
-            reason = implementation.unsupported(site) or ""
+            reason = implementation.unsupported(site) or implementation.skipped(site, options) or ""
         if reason:
             plan.sites.append(SitePlan(site, None, reason))
         else:

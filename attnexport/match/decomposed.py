@@ -119,6 +119,7 @@ class DecomposedCandidate:
             [MaskProbe(r.values.get(c.mask.name) if c.mask is not None else None, shape_of[id(r)],
                        r.padded_input, r.feeds[r.padded_input]) for r in padded if shape_of[id(r)] is not None],
             mask_name=c.mask.name if c.mask is not None else None,
+            long=base[0].long_masks.get(c.mask.name) if c.mask is not None else None,
         )
         return site
 

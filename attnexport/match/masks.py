@@ -78,12 +78,73 @@ def band_of(visible: np.ndarray) -> tuple[int | None, int | None] | None:
     return (None if unbounded_left else left, None if unbounded_right else right)
 
 
-def classify(base: list[MaskProbe], padded: list[MaskProbe], *, mask_name: str | None) -> MaskInfo:
+def band_of_rows(visible: np.ndarray) -> tuple[int | None, int | None] | None:
+    """band_of for a large [Sq, Skv] pattern (the long probe), row by row: no [Sq, Skv] integer arrays."""
+    q_len, kv_len = visible.shape
+    pos = np.arange(q_len) + (kv_len - q_len)  # i'
+    seen = visible.any(axis=1)
+    if not seen.any():
+        return None
+    first = np.argmax(visible, axis=1)
+    last = kv_len - 1 - np.argmax(visible[:, ::-1], axis=1)
+    left = int((pos - first)[seen].max())
+    right = int((last - pos)[seen].max())
+    want_first = np.maximum(pos - left, 0)
+    want_last = np.minimum(pos + right, kv_len - 1)
+    want_seen = want_first <= want_last
+    if not np.array_equal(seen, want_seen):
+        return None
+    count = visible.sum(axis=1)
+    rows = seen
+    if not (np.array_equal(first[rows], want_first[rows]) and np.array_equal(last[rows], want_last[rows])
+            and np.array_equal(count[rows], (want_last - want_first + 1)[rows])):
+        return None
+    return (None if left >= kv_len - 1 else left, None if right >= q_len - 1 else right)
+
+
+def long_probe_band(values: np.ndarray) -> tuple[int | None, int | None] | bool | None:
+    """The band of a mask evaluated alone at a long sequence length (see probing.LONG_PROBE_LENGTHS);
+    None when the mask has no query axis (nothing to learn), False when it is not one band shared by
+    every batch entry and head. Only visibility is read (bias and key padding come from the short probes)."""
+    values = np.asarray(values)
+    if values.ndim < 2 or values.shape[-2] < 2:
+        return None
+    flat = values.reshape((-1,) + values.shape[-2:])
+    first = flat[0] if flat.dtype == np.bool_ else flat[0] > MASKED_BELOW
+    for other in flat[1:]:
+        if not np.array_equal(first, other if other.dtype == np.bool_ else other > MASKED_BELOW):
+            return False
+    band = band_of_rows(first)
+    return False if band is None else band
+
+
+def _merge_bands(bands: list[tuple[tuple[int | None, int | None], tuple[int, int]]]):
+    """One band from per-probe (band, (left extent, right extent)): a side that reaches the edge of a short
+    probe (None) agrees with a bound at a longer probe as long as that bound is at least as wide."""
+    merged = []
+    for side in (0, 1):
+        bounded = {band[side] for band, _ in bands if band[side] is not None}
+        if len(bounded) > 1:
+            return None
+        if bounded:
+            bound = bounded.pop()
+            if any(band[side] is None and extent[side] > bound for band, extent in bands):
+                return None
+            merged.append(bound)
+        else:
+            merged.append(None)
+    return tuple(merged)
+
+
+def classify(base: list[MaskProbe], padded: list[MaskProbe], *, mask_name: str | None,
+             long: np.ndarray | None = None) -> MaskInfo:
     """Classify from probes with all-ones masks (`base`, one per probe length) and probes where one 2-D
-    mask input was partly zeroed (`padded`)."""
+    mask input was partly zeroed (`padded`). `long` is the mask alone at a long probe length (when the
+    model's sequence length is dynamic): a window wider than the short probes shows there (else such a
+    window looks causal, or like no mask)."""
     if not base:
         return MaskInfo(kind=MASK_OTHER, detail="the mask could not be evaluated")
-    bands = set()
+    bands = []
     has_bias = False
     for probe in base:
         visible, bias = visibility_and_bias(probe.values, probe.shape)
@@ -97,10 +158,18 @@ def classify(base: list[MaskProbe], padded: list[MaskProbe], *, mask_name: str |
             if not pattern.any():
                 return MaskInfo(kind=MASK_OTHER, detail="the mask hides every key")
             return MaskInfo(kind=MASK_OTHER, detail="the mask's pattern is neither causal nor a band")
-        bands.add(band)
-    if len(bands) != 1:
-        return MaskInfo(kind=MASK_OTHER, detail=f"the mask's band changes with the sequence length: {sorted(bands, key=str)}")
-    left, right = bands.pop()
+        bands.append((band, (pattern.shape[1] - 1, pattern.shape[0] - 1)))
+    if long is not None:
+        band = long_probe_band(long)
+        if band is False:
+            return MaskInfo(kind=MASK_OTHER, detail=f"at sequence length {np.shape(long)[-1]} the mask is not a band")
+        if band is not None:
+            bands.append((band, (np.shape(long)[-1] - 1, np.shape(long)[-2] - 1)))
+    merged = _merge_bands(bands)
+    if merged is None:
+        seen = sorted({band for band, _ in bands}, key=str)
+        return MaskInfo(kind=MASK_OTHER, detail=f"the mask's band changes with the sequence length: {seen}")
+    left, right = merged
 
     key_padding_input = None
     for probe in padded:

@@ -19,7 +19,16 @@ from attnexport.match import layout
 from attnexport.match.decomposed import site_name
 from attnexport.match.masks import MaskProbe, classify
 from attnexport.match.probing import ProbeRun
-from attnexport.sites import AttentionSite, Operand
+from attnexport.sites import (
+    MASK_BIAS,
+    MASK_CAUSAL,
+    MASK_CAUSAL_KEY_PADDING,
+    MASK_OTHER,
+    MASK_WINDOW,
+    AttentionSite,
+    MaskInfo,
+    Operand,
+)
 
 Q, K, V, ATTN_MASK, PAST_KEY, PAST_VALUE, NONPAD_KV_SEQLEN = range(7)
 
@@ -43,6 +52,10 @@ class OnnxAttentionCandidate:
         self.softcap = a.get_float("softcap", 0.0) if "softcap" in a else 0.0
         self.q_num_heads = a.get_int("q_num_heads", 0) if "q_num_heads" in a else 0
         self.kv_num_heads = a.get_int("kv_num_heads", 0) if "kv_num_heads" in a else 0
+        # Opset 25: a sliding window in the standard (-1 = unbounded), relative to the absolute query
+        # position, i.e. top-left aligned when there is no KV cache (like ORT's is_causal).
+        self.left_window = a.get_int("left_window_size", -1) if "left_window_size" in a else -1
+        self.right_window = a.get_int("right_window_size", -1) if "right_window_size" in a else -1
 
     @property
     def anchor(self) -> ir.Node:
@@ -125,10 +138,28 @@ class OnnxAttentionCandidate:
         base_probes = [MaskProbe(self._effective_mask(r.values, shapes[id(r)]), shapes[id(r)]) for r in base]
         padded_probes = [MaskProbe(self._effective_mask(r.values, shapes[id(r)]), shapes[id(r)], r.padded_input,
                                    r.feeds[r.padded_input]) for r in padded]
-        site.mask = classify(base_probes, padded_probes, mask_name=self.mask.name if self.mask is not None else None)
+        site.mask = classify(base_probes, padded_probes, mask_name=self.mask.name if self.mask is not None else None,
+                             long=self._long_mask(base[0]))
         if self.is_causal and any(s[2] != s[3] for s in (shapes[id(r)] for r in base)):
             return _unresolved(site, "is_causal with Sq != Skv: ORT aligns it top-left, which no attnexport op expresses")
+        if self._windowed():
+            if any(s[2] != s[3] for s in (shapes[id(r)] for r in base)):
+                return _unresolved(site, "left/right_window_size with Sq != Skv: the window is top-left aligned, "
+                                         "which no attnexport op expresses")
+            site.mask = _with_window(site.mask, self.left_window, self.right_window)
         return site
+
+    def _windowed(self) -> bool:
+        return self.left_window >= 0 or self.right_window >= 0
+
+    def _long_mask(self, run) -> np.ndarray | None:
+        """attn_mask at the long probe length (match/probing.py) with is_causal and the window applied as
+        on the short probes (Sq == Skv there)."""
+        mask = run.long_masks.get(self.mask.name) if self.mask is not None else None
+        if mask is None:
+            return None
+        shape = (1,) * (4 - np.ndim(mask)) + tuple(np.shape(mask))
+        return self._effective_mask({self.mask.name: mask}, shape)
 
     def _logit_shape(self, values, site) -> tuple[int, int, int, int]:
         q = values[self.q_value.name]
@@ -138,12 +169,17 @@ class OnnxAttentionCandidate:
         return (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
 
     def _effective_mask(self, values, shape) -> np.ndarray | None:
-        """attn_mask combined with ORT's is_causal, as one boolean or additive mask."""
+        """attn_mask combined with ORT's is_causal and Attention-25's window, as one boolean or additive mask."""
         mask = values.get(self.mask.name) if self.mask is not None else None
-        if not self.is_causal:
+        if not self.is_causal and not self._windowed():
             return mask
         _, _, q_len, kv_len = shape
-        causal = np.arange(kv_len)[None, :] <= np.arange(q_len)[:, None]  # ORT CPU: top-left aligned
+        offset = np.arange(kv_len)[None, :] - np.arange(q_len)[:, None]  # ORT CPU: top-left aligned
+        causal = offset <= 0 if self.is_causal else np.ones((q_len, kv_len), dtype=bool)
+        if self.left_window >= 0:
+            causal = causal & (offset >= -self.left_window)
+        if self.right_window >= 0:
+            causal = causal & (offset <= self.right_window)
         if mask is None:
             return np.broadcast_to(causal, shape)
         mask = np.broadcast_to(np.asarray(mask), shape)
@@ -170,6 +206,31 @@ class OnnxAttentionCandidate:
 def find_candidates(model: ir.Model) -> list[OnnxAttentionCandidate]:
     return [OnnxAttentionCandidate(node) for node in model.graph
             if node.op_type == "Attention" and node.domain in ("", "ai.onnx")]
+
+
+def _with_window(mask: MaskInfo, left: int, right: int) -> MaskInfo:
+    """The site's mask narrowed by Attention-25's window attributes (-1 = unbounded): the short probes
+    cannot show a window wider than themselves, the attributes say it exactly."""
+    if mask.kind == MASK_OTHER:
+        return mask
+
+    def narrower(own, attribute):
+        if attribute < 0:
+            return own
+        return attribute if own is None else min(own, attribute)
+
+    mask.window_left = narrower(mask.window_left, left)
+    mask.window_right = narrower(mask.window_right, right)
+    mask.causal = mask.window_left is None and mask.window_right == 0
+    if mask.kind == MASK_BIAS or (mask.window_left is None and mask.window_right is None):
+        return mask
+    padding = mask.key_padding_input is not None
+    if mask.causal:
+        mask.kind = MASK_CAUSAL_KEY_PADDING if padding else MASK_CAUSAL
+    else:
+        mask.kind = MASK_WINDOW
+        mask.detail = "a sliding-window (banded) mask (Attention's left/right_window_size)"
+    return mask
 
 
 def _unresolved(site: AttentionSite, reason: str) -> AttentionSite:

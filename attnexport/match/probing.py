@@ -11,6 +11,16 @@ import onnx_ir as ir
 from attnexport import inputs, probe
 
 PROBE_LENGTHS = (7, 12)  # distinct from typical head counts and head dims, and from each other
+# A sliding window wider than the short probes looks causal (or like no mask) there, so masks that
+# depend on the sequence length are also evaluated alone, batch 1, at one long length: the first of
+# these the model runs at. Only the mask is computed, never Q/K or the logits, but exporters build it
+# from several [L, L] int64/float intermediates, so the cost grows as L^2: on transformers' Mistral
+# exports L = 8197 (every window up to 8195, Mistral's 4096 included) took 48-62 s and 10-11.5 GB,
+# L = 2047 about 3 s and 0.8 GB. 2053 = 2*1024 + 5 shows every window up to 2051 keys on either side
+# (Phi-3's 2047, Gemma-3's 1024, Longformer's 512); 1029 and 517 serve models whose learned position
+# tables (1024, 512) cannot run longer. A wider window is seen only with real inputs longer than it
+# (--inputs), which replace every synthesised probe.
+LONG_PROBE_LENGTHS = (2053, 1029, 517)
 
 
 @dataclass
@@ -18,6 +28,7 @@ class ProbeRun:
     feeds: dict[str, np.ndarray]
     values: dict[str, np.ndarray] = field(default_factory=dict)
     padded_input: str | None = None  # the 2-D mask input zeroed in this run (padded runs only)
+    long_masks: dict[str, np.ndarray] = field(default_factory=dict)  # first base run: masks at a long length
 
 
 def base_feeds(model: ir.Model, user_feeds: dict[str, np.ndarray] | None = None, *,
@@ -64,6 +75,8 @@ def run_probes(model: ir.Model, candidates, user_feeds=None) -> tuple[list[Probe
         # Some exports run only at batch 1 (e.g. ORT's RotaryEmbedding in dynamo LLaMA exports at
         # opset 23); probe there rather than give up. Left padding then goes unprobed.
         base = [ProbeRun(feeds, probe.evaluate(model, needed, feeds)) for feeds in base_feeds(model, batch=1)]
+    if base:
+        base[0].long_masks = long_mask_values(model, candidates, base[0], user_feeds)
     padded = []
     if mask_needed:
         for name, feeds in padded_variants(model, base[0].feeds):
@@ -72,3 +85,22 @@ def run_probes(model: ir.Model, candidates, user_feeds=None) -> tuple[list[Probe
             values = probe.evaluate(model, mask_needed + extra, feeds)
             padded.append(ProbeRun(feeds, values, padded_input=name))
     return base, padded
+
+
+def long_mask_values(model: ir.Model, candidates, first: ProbeRun, user_feeds=None) -> dict[str, np.ndarray]:
+    """Each candidate's mask (those with a query axis) evaluated alone at the first of LONG_PROBE_LENGTHS
+    the model runs at; {} for fixed-length models, user feeds, or when none runs."""
+    if user_feeds is not None or not inputs.has_dynamic_sequence(model):
+        return {}
+    names = [c.mask_values()[0] for c in candidates if c.mask_values()]
+    names = [n for n in dict.fromkeys(names)
+             if n in first.values and np.ndim(first.values[n]) >= 2 and np.shape(first.values[n])[-2] > 1]
+    if not names:
+        return {}
+    for length in LONG_PROBE_LENGTHS:
+        feeds = inputs.synthesize(model, inputs.ProbeShape(batch=1, seq_len=length))
+        try:
+            return probe.evaluate(model, names, feeds)
+        except probe.ProbeError:
+            continue  # e.g. learned positions shorter than `length`: try a shorter one
+    return {}
