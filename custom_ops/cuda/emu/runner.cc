@@ -1,0 +1,154 @@
+// Runs the attnexport CUDA kernels in the host emulator (emulator.h) on inputs from files, for the
+// tests (tests/test_cuda_emulated.py). Not part of the op library.
+//
+//   attnexport_cuda_emu <op> <dir> key=value...
+//
+// reads <dir>/<input>.bin (raw arrays as numpy writes them with tobytes()), writes <dir>/y.bin and
+// prints one line of key=value facts about the run (path, segments, launches, blocks). Outputs and
+// workspace start as 0xFF bytes (NaN), so an element the kernels never write shows up as NaN.
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "cuda/emu/emulator.h"
+#include "cuda/kernels/linear_attention_run.h"
+
+namespace {
+
+using attnexport::cuda::DeviceInfo;
+using attnexport::cuda::DType;
+using attnexport::cuda::Grid;
+
+struct EmuRuntime {
+  std::vector<std::string> launched;
+  template <typename... P, typename... A>
+  void Launch(void (*kernel)(P...), Grid g, int threads, size_t smem, A&&... args) {
+    emu::Launch(emu::Dim3{g.x, g.y, g.z}, threads, smem, kernel, std::forward<A>(args)...);
+    launched.push_back(std::to_string(g.x) + "x" + std::to_string(g.y) + "x" + std::to_string(g.z) + "@" +
+                       std::to_string(smem));
+  }
+  void Zero2D(void* ptr, size_t pitch, size_t width, size_t height) {
+    for (size_t h = 0; h < height; ++h) std::memset(static_cast<char*>(ptr) + h * pitch, 0, width);
+  }
+  std::string Error() const { return {}; }
+};
+
+std::vector<char> ReadFile(const std::string& path, size_t expected) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) {
+    std::fprintf(stderr, "cannot read %s\n", path.c_str());
+    std::exit(2);
+  }
+  std::vector<char> data((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  if (data.size() != expected) {
+    std::fprintf(stderr, "%s: %zu bytes, expected %zu\n", path.c_str(), data.size(), expected);
+    std::exit(2);
+  }
+  return data;
+}
+
+// An exactly sized heap copy (AddressSanitizer then sees any read past the end).
+void* HeapCopy(const std::vector<char>& data) {
+  void* p = std::malloc(data.size() ? data.size() : 1);
+  std::memcpy(p, data.data(), data.size());
+  return p;
+}
+
+DType ParseDType(const std::string& s) {
+  if (s == "float32") return DType::kFloat32;
+  if (s == "float16") return DType::kFloat16;
+  if (s == "bfloat16") return DType::kBFloat16;
+  std::fprintf(stderr, "unknown dtype %s\n", s.c_str());
+  std::exit(2);
+}
+
+int RunLinear(const std::string& dir, std::map<std::string, std::string>& kv) {
+  namespace la = attnexport::cuda::la;
+  auto I = [&](const char* k) { return std::stoll(kv.at(k)); };
+  la::Problem p;
+  p.dtype = ParseDType(kv.at("dtype"));
+  p.batch = I("B");
+  p.q_heads = I("Hq");
+  p.kv_heads = I("Hkv");
+  p.q_len = I("Sq");
+  p.kv_len = I("Skv");
+  p.head_dim = I("Dk");
+  p.value_dim = I("Dv");
+  p.scale = std::stof(kv.at("scale"));
+  p.eps = std::stof(kv.at("eps"));
+  p.causal = I("causal") != 0;
+  p.feature_map = kv.at("feature_map") == "relu" ? la::FeatureMap::kRelu : la::FeatureMap::kElu1;
+  p.force_simt = kv.count("simt") && I("simt") != 0;
+  DeviceInfo dev;
+  dev.sm_count = kv.count("sm") ? static_cast<int>(I("sm")) : 4;
+  dev.max_smem_per_block = 227 * 1024;
+  const size_t es = la::ElementSize(p.dtype);
+  const size_t nq = p.batch * p.q_heads * p.q_len * p.head_dim, nk = p.batch * p.kv_heads * p.kv_len * p.head_dim;
+  const size_t nv = p.batch * p.kv_heads * p.kv_len * p.value_dim, ny = p.batch * p.q_heads * p.q_len * p.value_dim;
+  la::Buffers buf;
+  buf.q = HeapCopy(ReadFile(dir + "/q.bin", nq * es));
+  buf.k = HeapCopy(ReadFile(dir + "/k.bin", nk * es));
+  buf.v = HeapCopy(ReadFile(dir + "/v.bin", nv * es));
+  if (I("mask")) buf.mask = static_cast<const bool*>(HeapCopy(ReadFile(dir + "/mask.bin", p.batch * p.kv_len)));
+  buf.y = std::malloc(ny * es ? ny * es : 1);
+  std::memset(buf.y, 0xFF, ny * es);
+  la::Plan plan;
+  std::string why = la::MakePlan(p, dev, &plan);
+  if (!why.empty()) {
+    std::printf("error=%s\n", why.c_str());
+    return 3;
+  }
+  void* ws = std::malloc(plan.workspace_bytes ? plan.workspace_bytes : 1);
+  std::memset(ws, 0xFF, plan.workspace_bytes);
+  EmuRuntime rt;
+  why = la::Run(rt, p, buf, ws, plan.workspace_bytes, dev);
+  if (!why.empty()) {
+    std::printf("error=%s\n", why.c_str());
+    return 3;
+  }
+  std::ofstream out(dir + "/y.bin", std::ios::binary);
+  out.write(static_cast<const char*>(buf.y), static_cast<std::streamsize>(ny * es));
+  std::printf("path=%s dk_tile=%d key_segments=%d chunks_per_seg=%d q_segments=%d workspace=%zu launches=",
+              plan.path == la::Path::kMma ? "mma" : "simt", plan.dk_tile, plan.key_segments, plan.chunks_per_seg,
+              plan.q_segments, plan.workspace_bytes);
+  for (size_t i = 0; i < rt.launched.size(); ++i) std::printf("%s%s", i ? "," : "", rt.launched[i].c_str());
+  std::printf("\n");
+  std::free(const_cast<void*>(buf.q));
+  std::free(const_cast<void*>(buf.k));
+  std::free(const_cast<void*>(buf.v));
+  std::free(const_cast<bool*>(buf.mask));
+  std::free(buf.y);
+  std::free(ws);
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 3) {
+    std::fprintf(stderr, "usage: %s <op> <dir> key=value...\n", argv[0]);
+    return 2;
+  }
+  const std::string op = argv[1], dir = argv[2];
+  std::map<std::string, std::string> kv;
+  for (int i = 3; i < argc; ++i) {
+    const std::string a = argv[i];
+    const size_t eq = a.find('=');
+    if (eq == std::string::npos) {
+      std::fprintf(stderr, "bad argument %s\n", a.c_str());
+      return 2;
+    }
+    kv[a.substr(0, eq)] = a.substr(eq + 1);
+  }
+  try {
+    if (op == "linear") return RunLinear(dir, kv);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "runner: %s\n", e.what());
+    return 2;
+  }
+  std::fprintf(stderr, "unknown op %s\n", op.c_str());
+  return 2;
+}

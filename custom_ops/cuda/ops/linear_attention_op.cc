@@ -1,0 +1,164 @@
+// ONNX Runtime glue of LinearAttention on the CUDA execution provider: the same attributes, checks
+// and one-line errors as the CPU op (cpu/ops/linear_attention_op.cc), inputs and output in device
+// memory, kernels launched on ORT's compute stream, scratch from ORT's allocator.
+//
+// feature_map elu1 and relu run on CUDA. taylor2 and favor have no CUDA kernel: creating the kernel
+// fails with a one-line error (ORT then fails the session: a node of a CUDA session cannot fall back
+// to the CPU kernel by attribute), which names the way out.
+#include <cmath>
+#include <cstdlib>
+#include <memory>
+#include <string>
+
+#include "common/shape_inference.h"
+#include "cuda/kernels/entry.h"
+#include "cuda/ops/cuda_glue.h"
+#include "ops.h"
+
+namespace attnexport {
+namespace {
+
+using cuda_ops::Require;
+using cuda_ops::ShapeString;
+
+constexpr const char* kName = "LinearAttention";
+enum Input { kQ = 0, kK, kV, kKeyPaddingMask, kProjection, kNumInputs };
+
+cuda::la::FeatureMap ParseFeatureMap(const std::string& name) {
+  if (name == "elu1") return cuda::la::FeatureMap::kElu1;
+  if (name == "relu") return cuda::la::FeatureMap::kRelu;
+  if (name == "taylor2" || name == "favor") {
+    throw InvalidArgument("feature_map '" + name +
+                          "' has no CUDA kernel (CUDA runs elu1 and relu); run this model with the "
+                          "CPUExecutionProvider or convert it with another feature map");
+  }
+  throw InvalidArgument("unknown feature_map '" + name + "' (expected elu1, relu, taylor2 or favor)");
+}
+
+struct LinearAttentionCudaKernel {
+  LinearAttentionCudaKernel(const OrtApi&, const OrtKernelInfo* info) {
+    scale_ = FloatAttribute(info, "scale", std::nanf(""));
+    eps_ = FloatAttribute(info, "eps", 1e-6f);
+    causal_ = IntAttribute(info, "causal", 0) != 0;
+    const std::string expansion = StringAttribute(info, "expansion_point", "zero");
+    if (expansion != "zero" && expansion != "mean" && expansion != "max") {
+      throw InvalidArgument("unknown expansion_point '" + expansion + "' (expected zero, mean or max)");
+    }
+    feature_map_ = ParseFeatureMap(StringAttribute(info, "feature_map", "elu1"));
+    Require(eps_ >= 0.f, "eps must be >= 0");
+    // Tests: ATTNEXPORT_CUDA_FORCE_SIMT=1 runs the float32 CUDA-core kernels for every dtype.
+    const char* force = std::getenv("ATTNEXPORT_CUDA_FORCE_SIMT");
+    force_simt_ = force != nullptr && force[0] == '1';
+    device_ = std::make_unique<cuda_ops::DeviceContext>(info);
+  }
+
+  void Compute(OrtKernelContext* raw_context) {
+    Ort::KernelContext ctx(raw_context);
+    auto q = ctx.GetInput(kQ), k = ctx.GetInput(kK), v = ctx.GetInput(kV);
+    const auto q_info = q.GetTensorTypeAndShapeInfo();
+    const auto q_shape = q_info.GetShape();
+    const auto k_shape = k.GetTensorTypeAndShapeInfo().GetShape();
+    const auto v_shape = v.GetTensorTypeAndShapeInfo().GetShape();
+    const auto dtype = q_info.GetElementType();
+    Require(q_shape.size() == 4 && k_shape.size() == 4 && v_shape.size() == 4,
+            "Q, K, V must be 4-D [B, H, S, D]; got Q " + ShapeString(q_shape) + ", K " + ShapeString(k_shape) +
+                ", V " + ShapeString(v_shape));
+    Require(k.GetTensorTypeAndShapeInfo().GetElementType() == dtype &&
+                v.GetTensorTypeAndShapeInfo().GetElementType() == dtype,
+            "Q, K and V must have the same element type");
+
+    cuda::la::Problem p;
+    p.dtype = cuda_ops::DTypeOf(dtype, "Q, K and V");
+    p.batch = q_shape[0];
+    p.q_heads = q_shape[1];
+    p.q_len = q_shape[2];
+    p.head_dim = q_shape[3];
+    p.kv_heads = k_shape[1];
+    p.kv_len = k_shape[2];
+    p.value_dim = v_shape[3];
+    Require(k_shape[0] == p.batch && v_shape[0] == p.batch, "Q, K, V batch sizes differ: Q " + ShapeString(q_shape) +
+                                                                 ", K " + ShapeString(k_shape) + ", V " + ShapeString(v_shape));
+    Require(k_shape[3] == p.head_dim, "K head dim " + std::to_string(k_shape[3]) + " != Q head dim " +
+                                          std::to_string(p.head_dim));
+    Require(v_shape[1] == p.kv_heads && v_shape[2] == p.kv_len,
+            "V " + ShapeString(v_shape) + " does not match K " + ShapeString(k_shape) + " in heads or length");
+    Require(p.kv_heads > 0 && p.q_heads % p.kv_heads == 0,
+            "query heads (" + std::to_string(p.q_heads) + ") must be a multiple of kv heads (" +
+                std::to_string(p.kv_heads) + ")");
+    p.scale = std::isnan(scale_) ? 1.0f / std::sqrt(static_cast<float>(p.head_dim)) : scale_;
+    Require(p.scale >= 0.f, "scale must be >= 0 (LinearAttention takes its square root)");
+    p.eps = eps_;
+    p.causal = causal_;
+    p.feature_map = feature_map_;
+    p.force_simt = force_simt_;
+
+    cuda::la::Buffers b;
+    b.q = q.GetTensorRawData();
+    b.k = k.GetTensorRawData();
+    b.v = v.GetTensorRawData();
+    if (cuda_ops::IsPresent(ctx, kKeyPaddingMask)) {
+      auto mask = ctx.GetInput(kKeyPaddingMask);
+      const auto m_shape = mask.GetTensorTypeAndShapeInfo().GetShape();
+      Require(mask.GetTensorTypeAndShapeInfo().GetElementType() == ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL,
+              "key_padding_mask must be bool");
+      Require(m_shape.size() == 2 && m_shape[0] == p.batch && m_shape[1] == p.kv_len,
+              "key_padding_mask must be [B, Skv] = [" + std::to_string(p.batch) + ", " + std::to_string(p.kv_len) +
+                  "]; got " + ShapeString(m_shape));
+      b.mask = mask.GetTensorData<bool>();
+    }
+
+    const std::vector<int64_t> y_shape = {p.batch, p.q_heads, p.q_len, p.value_dim};
+    auto y = ctx.GetOutput(0, y_shape);
+    b.y = y.GetTensorMutableRawData();
+    if (p.batch * p.q_heads * p.q_len * p.value_dim == 0) return;
+
+    cuda::la::Plan plan;
+    if (p.kv_len > 0) {
+      const std::string why = cuda::la::MakePlan(p, device_->info(), &plan);
+      Require(why.empty(), why);
+    }
+    cuda_ops::DeviceGuard guard(device_->device());
+    void* stream = ctx.GetGPUComputeStream();
+    cuda_ops::Scratch scratch(raw_context, *device_, plan.workspace_bytes, stream != nullptr);
+    const std::string error =
+        cuda::LinearAttentionCuda(p, b, scratch.get(), plan.workspace_bytes, stream, device_->info());
+    if (!error.empty()) throw std::runtime_error(error);
+  }
+  ATTNEXPORT_COMPUTE_V2(kName)
+
+ private:
+  float scale_;
+  float eps_;
+  bool causal_;
+  bool force_simt_ = false;
+  cuda::la::FeatureMap feature_map_;
+  std::unique_ptr<cuda_ops::DeviceContext> device_;
+};
+
+struct LinearAttentionOpCuda : OpBase<LinearAttentionOpCuda, LinearAttentionCudaKernel> {
+  const char* GetName() const { return kName; }
+  const char* GetExecutionProviderType() const { return "CUDAExecutionProvider"; }
+  size_t GetInputTypeCount() const { return kNumInputs; }
+  ONNXTensorElementDataType GetInputType(size_t index) const {
+    return index == kKeyPaddingMask ? ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL : ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
+    return index >= kKeyPaddingMask ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED; }
+
+  // Y = [B, Hq, Sq, Dv] of Q's type (as on the CPU).
+  static OrtStatusPtr InferShapes(OrtShapeInferContext* ctx) {
+    return InferOutputFromInputs(ctx, 0, kQ, {{kQ, 0}, {kQ, 1}, {kQ, 2}, {kV, 3}}, kName);
+  }
+};
+
+}  // namespace
+
+const OrtCustomOp* LinearAttentionCudaOp() {
+  static const LinearAttentionOpCuda op;
+  return &op;
+}
+
+}  // namespace attnexport
