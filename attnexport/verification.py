@@ -21,6 +21,7 @@ import onnx_ir as ir
 from attnexport import inputs, model_io
 from attnexport.errors import AttnExportError, VerificationError
 from attnexport.probe import model_with_outputs
+from attnexport.match import PREPARED, prepare
 from attnexport.rewrite import recorded_plan
 from attnexport.runtime import create_session, external_data_dir
 
@@ -95,6 +96,8 @@ def verify(original: str | Path, converted: str | Path, *, feeds: dict[str, np.n
            threads: int | None = None, providers=None) -> VerifyReport:
     original_model = model_io.load(original)
     converted_model = model_io.load(converted)
+    if converted_model.metadata_props.get(PREPARED):
+        prepare(original_model)  # e.g. inline functions as convert did, so site names exist in both
     plan = recorded_plan(converted_model)
     if plan is None:
         raise AttnExportError(f"{converted}: not converted by attnexport (no plan in its metadata)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes.common import InlinePass
 
 from attnexport.match import decomposed, ms_contrib, onnx_attention
 from attnexport.match.probing import run_probes
@@ -27,7 +28,26 @@ def find_candidates(model: ir.Model) -> list:
     return candidates
 
 
+PREPARED = "attnexport.prepared"
+_ATTENTION_OPS = {"Softmax", "Attention", "MultiHeadAttention", "GroupQueryAttention"}
+
+
+def prepare(model: ir.Model) -> list[str]:
+    """Bring attention into the main graph where matchers see it: model-local functions that contain
+    attention are inlined (deterministically, so verify can inline the original the same way). The
+    steps taken are recorded in the model's metadata."""
+    steps = []
+    if any(node.op_type in _ATTENTION_OPS for f in model.functions.values() for node in f):
+        InlinePass()(model)
+        steps.append("inline_functions")
+    if steps:
+        model.metadata_props[PREPARED] = ",".join(steps)
+    return steps
+
+
 def find_sites(model: ir.Model, feeds: dict[str, np.ndarray] | None = None) -> list[AttentionSite]:
+    """Every attention site of `model` (which is first prepared, in place: see prepare())."""
+    prepare(model)
     candidates = find_candidates(model)
     if not candidates:
         return []

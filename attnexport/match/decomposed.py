@@ -27,7 +27,7 @@ class DecomposedCandidate:
     def __init__(self, core: CoreMatch):
         self.core = core
         self.q_chain = layout.upstream_chain(core.query)
-        self.k_chain = layout.upstream_chain(core.key_t)
+        self.k_chain = layout.upstream_chain(core.key)
         self.v_chain = layout.upstream_chain(core.value)
 
     @property
@@ -37,7 +37,7 @@ class DecomposedCandidate:
     def values_needed(self) -> list[str]:
         c = self.core
         names = [link.value.name for chain in (self.q_chain, self.k_chain, self.v_chain) for link in chain]
-        names += [c.raw_scores.name, c.logits.name, c.output.name]
+        names += [c.raw_scores.name, c.logits.name, c.output.name, c.key.name]
         if c.mask is not None:
             names.append(c.mask.name)
         if c.qk_scale is not None:
@@ -50,25 +50,27 @@ class DecomposedCandidate:
     def unprobed_site(self, index: int) -> AttentionSite:
         c = self.core
         return AttentionSite(index=index, name=site_name(c.nodes), source=self.source,
-                             q=Operand(c.query.name), k=Operand(c.key_t.name), v=Operand(c.value.name),
+                             q=Operand(c.query.name), k=Operand(c.key.name), v=Operand(c.value.name),
                              output=c.output.name, nodes=[n.name for n in c.nodes])
 
     def build_site(self, index: int, base: list[ProbeRun], padded: list[ProbeRun]) -> AttentionSite:
         c = self.core
         site = self.unprobed_site(index)
+        if c.problem:
+            return _unresolved(site, c.problem)
         run = base[0].values
         raw = run[c.raw_scores.name]
         if raw.ndim != 4:
             return _unresolved(site, f"attention scores are {raw.ndim}-D; only [B, H, Sq, Skv] is handled")
         batch, num_heads, q_len, kv_len = raw.shape
-        query, key_t, value = run[c.query.name], run[c.key_t.name], run[c.value.name]
+        query, key_t, value = run[c.query.name], run[c.key.name], run[c.value.name]
         rtol = 1e-3 if raw.dtype == np.float16 else 1e-5
         q = layout.resolve(self.q_chain, run, query, expected={"B": batch, "S": q_len, "D": query.shape[-1]},
                            transposed=False, grouped=False, num_q_heads=num_heads, rtol=rtol)
         if q is None:
             return _unresolved(site, "could not trace Q back to a [B, H, S, D] tensor")
         k = layout.resolve(self.k_chain, run, key_t, expected={"B": batch, "S": kv_len, "D": q.bhsd.shape[-1]},
-                           transposed=True, grouped=True, num_q_heads=num_heads, rtol=rtol)
+                           transposed=c.key_transposed, grouped=True, num_q_heads=num_heads, rtol=rtol)
         if k is None:
             return _unresolved(site, "could not trace K back to a [B, Hkv, S, D] tensor (with h -> h // group)")
         v = layout.resolve(self.v_chain, run, value, expected={"B": batch, "S": kv_len, "D": None},
@@ -83,7 +85,7 @@ class DecomposedCandidate:
         post = self._post_scale(run)
         if post is None:
             return _unresolved(site, "the logits are scaled by a non-scalar value")
-        numeric_scale = q.alpha * k.alpha * post
+        numeric_scale = q.alpha * k.alpha * post * c.product_alpha
         static = self._static_scale(q, k)
         head_dim = q.bhsd.shape[-1]
         scale = _choose_scale(static, numeric_scale, head_dim)
@@ -147,7 +149,7 @@ class DecomposedCandidate:
             post = 1.0 / factor if c.qk_scaling == "Div" else factor
         if q.link.scale is None or k.link.scale is None:
             return None
-        return q.link.scale * k.link.scale * post
+        return q.link.scale * k.link.scale * post * c.product_alpha
 
     def _logit_shape(self, values: dict[str, np.ndarray]) -> tuple[int, int, int, int] | None:
         raw = values.get(self.core.raw_scores.name)
@@ -158,7 +160,7 @@ class DecomposedCandidate:
 
     def _recheck(self, run, site, q, k, v) -> str | None:
         c = self.core
-        for resolved, operand, transposed in ((q, c.query, False), (k, c.key_t, True), (v, c.value, False)):
+        for resolved, operand, transposed in ((q, c.query, False), (k, c.key, c.key_transposed), (v, c.value, False)):
             array = run.get(resolved.link.value.name)
             target = run.get(operand.name)
             if array is None or target is None or array.ndim != 4:
