@@ -18,9 +18,12 @@
 // taylor2 uses the symmetric quadratic features [1, k̃, upper triangle of k̃k̃ᵀ (diagonal / √2)]
 // (F = 1 + D + D(D+1)/2); a query expanded around c_i gets [1 - c + c²/2, (1 - c) q̃, quad(q̃)], so
 // φ(q̃)·φ(k̃) = 1 + (s - c) + (s - c)²/2. Its intra-chunk weights come from the logits directly.
-// favor: φ(x̃) = exp(Wᵀx̃ - |x̃|²/2)/√F; every row is divided by its largest factor (queries) and
-// keys are brought to one running shift per (batch, kv head); eps is multiplied by the inverse of
-// both shifts, so the ratio is the exact one and large inputs stay finite.
+// favor: φ(x̃) = exp(Wᵀx̃ - |x̃|²/2)/√F is kept in the log domain until it is shifted: key feature
+// f is divided by e^{m_f}, m_f the running maximum over the keys of log φ(k̃)_f (one shift per
+// (batch, kv head, feature)), and query row i's features, multiplied by e^{m_f}, are divided by
+// their largest, e^{s_i}. So φ'(q̃_i)·φ'(k̃_j) = A_ij e^{-s_i}, eps is multiplied by e^{-s_i} and the
+// ratio is the exact one; every row's largest weight is >= 1/F (the key that sets m_f for the
+// row's top feature), so nothing a row depends on underflows and large inputs stay finite.
 #include <cmath>
 #include <cstring>
 
@@ -80,13 +83,14 @@ struct Plan {
 };
 
 // ---------------------------------------------------------------------------------------------
-// State of a (batch, kv head) over some keys: S [F, DvP], z [FP], Σ k̃ [dP] (taylor2 mean), and the
-// favor shift (S and z hold Σ e^(log φ(k̃_j) - shift)) and the count of keys folded in.
+// State of a (batch, kv head) over some keys: S [F, DvP], z [FP], Σ k̃ [dP] (taylor2 mean), the favor
+// shifts m [FP] (row f of S and z holds Σ_j e^{log φ(k̃_j)_f - m_f} (v_j, 1); -inf: no key yet) and
+// the count of keys folded in.
 struct State {
   float* s = nullptr;
   float* z = nullptr;
   float* ksum = nullptr;
-  float* shift = nullptr;  // one float
+  float* shift = nullptr;  // [FP]
   float* count = nullptr;  // one float (exact up to 2^24 keys; only the taylor2 mean divides by it)
 };
 
@@ -95,7 +99,7 @@ State TakeState(const Plan& pl, Bump& bump) {
   st.s = bump.Take(pl.F * pl.DvP);
   st.z = bump.Take(pl.FP);
   st.ksum = bump.Take(pl.dP);
-  st.shift = bump.Take(1);
+  st.shift = bump.Take(pl.FP);
   st.count = bump.Take(1);
   return st;
 }
@@ -115,7 +119,7 @@ void ClearState(const Plan& pl, const State& st) {
   std::memset(st.s, 0, sizeof(float) * pl.F * pl.DvP);
   std::memset(st.z, 0, sizeof(float) * pl.FP);
   std::memset(st.ksum, 0, sizeof(float) * pl.dP);
-  *st.shift = -INFINITY;
+  for (int64_t f = 0; f < pl.FP; ++f) st.shift[f] = f < pl.F ? -INFINITY : 0.f;
   *st.count = 0.f;
 }
 
@@ -133,36 +137,65 @@ void AddScaledFloats(float* dst, const float* src, int64_t n, float factor) {
   for (; i < n; ++i) dst[i] += src[i] * factor;
 }
 
-// favor: brings the state to shift `target` (>= its own); an empty state just takes it.
-void Reshift(const Plan& pl, const State& st, float target) {
-  if (*st.count > 0.f && *st.shift != target) {
-    const float factor = std::exp(*st.shift - target);
-    ScaleFloats(st.s, pl.F * pl.DvP, factor);
-    ScaleFloats(st.z, pl.FP, factor);
+// favor: raises the state's shifts to max(m_f, top_f) (rows whose shift grows are rescaled).
+void RaiseShifts(const Plan& pl, const State& st, const float* top) {
+  for (int64_t f = 0; f < pl.F; ++f) {
+    if (!(top[f] > st.shift[f])) continue;
+    if (st.shift[f] != -INFINITY) {
+      const float factor = std::exp(st.shift[f] - top[f]);
+      ScaleFloats(st.s + f * pl.DvP, pl.DvP, factor);
+      st.z[f] *= factor;
+    }
+    st.shift[f] = top[f];
   }
-  *st.shift = target;
 }
 
-// dst += src (favor: at the larger of the two shifts).
+// dst += src (favor: at the larger shift of each feature).
 void MergeState(const Plan& pl, const State& dst, const State& src) {
   if (*src.count == 0.f) return;
-  float factor = 1.f;
   if (pl.favor) {
-    if (*dst.count == 0.f || *src.shift > *dst.shift) Reshift(pl, dst, *src.shift);
-    factor = std::exp(*src.shift - *dst.shift);
+    RaiseShifts(pl, dst, src.shift);
+    for (int64_t f = 0; f < pl.F; ++f) {
+      const float factor = src.shift[f] == -INFINITY ? 0.f : std::exp(src.shift[f] - dst.shift[f]);
+      AddScaledFloats(dst.s + f * pl.DvP, src.s + f * pl.DvP, pl.DvP, factor);
+      dst.z[f] += src.z[f] * factor;
+    }
+  } else {
+    AddScaledFloats(dst.s, src.s, pl.F * pl.DvP, 1.f);
+    AddScaledFloats(dst.z, src.z, pl.FP, 1.f);
   }
-  AddScaledFloats(dst.s, src.s, pl.F * pl.DvP, factor);
-  AddScaledFloats(dst.z, src.z, pl.FP, factor);
   AddScaledFloats(dst.ksum, src.ksum, pl.dP, 1.f);
   *dst.count += *src.count;
 }
 
+// favor: the per-feature maximum of n rows of log features (stride ld) into top [FP].
+void ColumnMax(const float* rows, int64_t n, int64_t ld, int64_t width, float* top) {
+  for (int64_t f = 0; f < width; f += kWidth) {
+    Vec m = simd::Splat(-INFINITY);
+    for (int64_t i = 0; i < n; ++i) {
+      const Vec x = simd::Load(rows + i * ld + f);
+      m = x > m ? x : m;
+    }
+    simd::Store(top + f, m);
+  }
+}
+
+// favor: x[i, f] = e^{x[i, f] - shift[f]} for n rows of log features (0 where x is -inf).
+void ExpShifted(float* rows, int64_t n, int64_t ld, int64_t width, const float* shift) {
+  for (int64_t i = 0; i < n; ++i) {
+    float* r = rows + i * ld;
+    for (int64_t f = 0; f < width; f += kWidth) simd::Store(r + f, simd::ExpNonPositive(simd::Load(r + f) - simd::Load(shift + f)));
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Features, row form: out[i, :F] = φ(√scale · x[i]) for n rows of x (row stride ldx), padded with
-// zeros to FP. center (taylor2, may be null): the expansion point of each row. shift (favor): the
-// log of the factor each row was divided by.
+// zeros to FP. center (taylor2, may be null): the expansion point of each row. favor: without
+// key_shift (keys), the log features log φ(k̃)_f (-inf in the padding); with key_shift m (queries),
+// e^{log φ(q̃)_f + m_f - s_i} with s_i the row's largest exponent, and shift[i] = s_i (a row with
+// no finite m gets zeros and shift 0).
 void FeatureRows(const Plan& pl, const float* x, int64_t ldx, int64_t n, const float* center, float* out,
-                 float* shift, float* tmp) {
+                 float* shift, float* tmp, const float* key_shift = nullptr) {
   const int64_t d = pl.d, F = pl.F, FP = pl.FP;
   switch (pl.fm) {
     case FeatureMap::kElu1:
@@ -223,28 +256,38 @@ void FeatureRows(const Plan& pl, const float* x, int64_t ldx, int64_t n, const f
       g.c = out;
       g.ldc = FP;
       gemm::Run<gemm::kStore>(g, n, FP);
-      const float inv_sqrt_f = 1.0f / std::sqrt(static_cast<float>(F));
-      const float half_scale = 0.5f * pl.scale;  // |x̃|²/2 = scale |x|²/2
+      const float log_f = 0.5f * std::log(static_cast<float>(F));  // log √F
+      const float half_scale = 0.5f * pl.scale;                    // |x̃|²/2 = scale |x|²/2
       for (int64_t i = 0; i < n; ++i) {
         float* o = out + i * FP;
-        Vec peak = simd::Splat(-INFINITY);
-        int64_t f = 0;
-        for (; f + kWidth <= F; f += kWidth) {
-          const Vec u = simd::Load(o + f);
-          peak = u > peak ? u : peak;
-        }
-        float top = simd::MaxLane(peak);
-        for (; f < F; ++f) top = o[f] > top ? o[f] : top;
-        const Vec vtop = simd::Splat(top), vinv = simd::Splat(inv_sqrt_f);
-        for (f = 0; f < FP; f += kWidth) {
-          Vec e = simd::ExpNonPositive(simd::Load(o + f) - vtop) * vinv;
-          if (f + kWidth > F) e = simd::KeepFirst(e, F - f);
-          simd::Store(o + f, e);
-        }
         const float* xr = x + i * ldx;
         float norm = 0.f;
         for (int64_t a = 0; a < d; ++a) norm += xr[a] * xr[a];
-        shift[i] = top - half_scale * norm;
+        const float offset = half_scale * norm + log_f;  // log φ = Wᵀx̃ - offset
+        if (key_shift == nullptr) {
+          const Vec off = simd::Splat(offset);
+          for (int64_t f = 0; f < FP; f += kWidth) {
+            const Vec u = simd::Load(o + f) - off;
+            simd::Store(o + f, f + kWidth > F ? simd::KeepFirst(u, F - f, -INFINITY) : u);
+          }
+          continue;
+        }
+        Vec peak = simd::Splat(-INFINITY);
+        for (int64_t f = 0; f < FP; f += kWidth) {
+          Vec t = simd::Load(o + f) + simd::Load(key_shift + f);
+          if (f + kWidth > F) t = simd::KeepFirst(t, F - f, -INFINITY);
+          simd::Store(o + f, t);
+          peak = t > peak ? t : peak;
+        }
+        const float top = simd::MaxLane(peak);
+        if (!(top > -INFINITY)) {  // no key folded in yet (or NaN: kept)
+          for (int64_t f = 0; f < FP; f += kWidth) simd::Store(o + f, top != top ? simd::Splat(top) : simd::Zero());
+          shift[i] = 0.f;
+          continue;
+        }
+        const Vec vtop = simd::Splat(top);
+        for (int64_t f = 0; f < FP; f += kWidth) simd::Store(o + f, simd::ExpNonPositive(simd::Load(o + f) - vtop));
+        shift[i] = top - offset;  // s_i = max_f (log φ(q̃_i)_f + m_f)
       }
       return;
     }
@@ -253,9 +296,9 @@ void FeatureRows(const Plan& pl, const float* x, int64_t ldx, int64_t n, const f
 
 // Features, column form (causal key chunks): kt [d, ld] holds √scale·kᵀ of nc keys in columns
 // (columns >= nc and masked keys are zero), vis[j] is 1 for a key that may be seen, else 0.
-// out [F, ld] = φ(k̃_j) in column j, masked and padding columns 0; shift[j] (favor).
-void FeatureColumns(const Plan& pl, const float* kt, int64_t ld, int64_t nc, const float* vis, float* out,
-                    float* shift) {
+// out [F, ld] = φ(k̃_j) in column j, masked and padding columns 0 (favor: the log features, -inf
+// in masked and padding columns).
+void FeatureColumns(const Plan& pl, const float* kt, int64_t ld, int64_t nc, const float* vis, float* out) {
   const int64_t d = pl.d, F = pl.F;
   const int64_t ncv = RoundUp(nc, kWidth);
   switch (pl.fm) {
@@ -301,22 +344,19 @@ void FeatureColumns(const Plan& pl, const float* kt, int64_t ld, int64_t nc, con
       g.c = out;
       g.ldc = ld;
       gemm::Run<gemm::kStore>(g, F, ncv);
-      const float inv_sqrt_f = 1.0f / std::sqrt(static_cast<float>(F));
+      const float log_f = 0.5f * std::log(static_cast<float>(F));
       for (int64_t j = 0; j < ncv; j += kWidth) {
-        Vec peak = simd::Splat(-INFINITY), norm = simd::Zero();
-        for (int64_t f = 0; f < F; ++f) {
-          const Vec u = simd::Load(out + f * ld + j);
-          peak = u > peak ? u : peak;
-        }
+        Vec norm = simd::Zero();
         for (int64_t a = 0; a < d; ++a) {
           const Vec x = simd::Load(kt + a * ld + j);
           norm += x * x;
         }
-        const Vec keep = simd::Load(vis + j) * inv_sqrt_f;
-        for (int64_t f = 0; f < F; ++f) simd::Store(out + f * ld + j, simd::ExpNonPositive(simd::Load(out + f * ld + j) - peak) * keep);
-        const Vec sh = peak - 0.5f * norm;
-        const Vec visible = simd::Load(vis + j);
-        simd::Store(shift + j, visible > 0.f ? sh : simd::Splat(-INFINITY));
+        const Vec offset = 0.5f * norm + log_f;
+        const Vec on = simd::Load(vis + j);
+        for (int64_t f = 0; f < F; ++f) {
+          const Vec u = simd::Load(out + f * ld + j) - offset;
+          simd::Store(out + f * ld + j, on > 0.f ? u : simd::Splat(-INFINITY));
+        }
       }
       return;
     }
@@ -433,7 +473,7 @@ KeyWork TakeKeyWork(const Plan& pl, Bump& bump) {
   w.kbuf = bump.Take(kKeyBlock * pl.d);
   w.vbuf = bump.Take(kKeyBlock * pl.DvP);
   w.phi = bump.Take(kKeyBlock * pl.FP);
-  w.shift = bump.Take(kKeyBlock);
+  w.shift = bump.Take(Max(kKeyBlock, pl.FP));
   w.tmp = bump.Take(pl.dP + kWidth);
   return w;
 }
@@ -477,11 +517,10 @@ void AccumulateKeys(const Plan& pl, int64_t b, int64_t kvh, int64_t j0, int64_t 
     }
     if (n == 0) continue;
     FeatureRows(pl, kb, d, n, nullptr, w.phi, w.shift, w.tmp);
-    if (pl.favor) {
-      float top = -INFINITY;
-      for (int64_t r = 0; r < n; ++r) top = w.shift[r] > top ? w.shift[r] : top;
-      if (*st.count == 0.f || top > *st.shift) Reshift(pl, st, top);
-      for (int64_t r = 0; r < n; ++r) ScaleFloats(w.phi + r * pl.FP, pl.FP, std::exp(w.shift[r] - *st.shift));
+    if (pl.favor) {  // log features -> shifted features
+      ColumnMax(w.phi, n, pl.FP, pl.FP, w.shift);
+      RaiseShifts(pl, st, w.shift);
+      ExpShifted(w.phi, n, pl.FP, pl.FP, st.shift);
     }
     AddColumnSums(w.phi, n, pl.FP, pl.FP, st.z);
     if (pl.taylor_mean) {
@@ -566,10 +605,10 @@ void QueryRows(const Plan& pl, int64_t b, int64_t qh, int64_t i0, int64_t i1, co
       MaxLogits(pl, b, kvh, qb, m, w.limit, w.center, w.logits);
       center = w.center;
     }
-    FeatureRows(pl, qb, d, m, center, w.phi, w.shift, w.tmp);
+    FeatureRows(pl, qb, d, m, center, w.phi, w.shift, w.tmp, st.shift);
     for (int64_t i = 0; i < m; ++i) {
       const float den = Dot(w.phi + i * pl.FP, st.z, pl.FP);
-      w.inv[i] = InverseDenominator(pl, den, pl.favor ? w.shift[i] + *st.shift : 0.f);
+      w.inv[i] = InverseDenominator(pl, den, pl.favor ? w.shift[i] : 0.f);
     }
     const bool direct = pl.DvP == dv;
     gemm::Product g;  // y = φ(Q) S / den
@@ -598,6 +637,7 @@ void QueryRows(const Plan& pl, int64_t b, int64_t qh, int64_t i0, int64_t i1, co
 // before k_begin), writing every query whose last visible key lies in that range.
 struct ChunkWork {
   float *kt, *phit, *vbuf, *vis, *kshift, *phiq, *qshift, *inv, *center, *p, *ybuf, *tmp, *logits;
+  float *kc, *beta, *qa, *qf, *alpha, *mx;  // favor: log features, features over their own largest, ...
   int64_t* limit;
 };
 
@@ -609,7 +649,7 @@ ChunkWork TakeChunkWork(const Plan& pl, Bump& bump) {
   w.phit = bump.Take(pl.F * kChunkPad);
   w.vbuf = bump.Take(kChunk * pl.DvP);
   w.vis = bump.Take(kChunkPad);
-  w.kshift = bump.Take(kChunkPad);
+  w.kshift = bump.Take(pl.FP);
   w.phiq = bump.Take(kChunk * pl.FP);
   w.qshift = bump.Take(kChunk);
   w.inv = bump.Take(kChunk);
@@ -619,6 +659,12 @@ ChunkWork TakeChunkWork(const Plan& pl, Bump& bump) {
   w.tmp = bump.Take(pl.dP + kWidth);
   w.logits = pl.taylor_max ? bump.Take(kChunk * kLogitBlock) : nullptr;
   w.limit = reinterpret_cast<int64_t*>(bump.Take(2 * kChunk));
+  w.kc = pl.favor ? bump.Take(pl.F * kChunkPad) : nullptr;
+  w.beta = pl.favor ? bump.Take(kChunkPad) : nullptr;
+  w.qf = pl.favor ? bump.Take(kChunk * pl.FP) : nullptr;
+  w.qa = pl.favor ? bump.Take(kChunk * pl.FP) : nullptr;
+  w.alpha = pl.favor ? bump.Take(kChunk) : nullptr;
+  w.mx = pl.favor ? bump.Take(kChunk * kChunkPad) : nullptr;
   return w;
 }
 
@@ -650,15 +696,24 @@ void CausalRange(const Plan& pl, int64_t b, int64_t kvh, int64_t k_begin, int64_
       visible += on ? 1 : 0;
     }
     TransposeRows(k + k0 * d, d, nc, pl.root, mask ? w.vis : nullptr, w.kt, ld);
-    FeatureColumns(pl, w.kt, ld, nc, w.vis, w.phit, w.kshift);
-    if (pl.favor && visible > 0) {
-      float top = -INFINITY;
-      for (int64_t j = 0; j < nc; ++j) top = w.kshift[j] > top ? w.kshift[j] : top;
-      if (*st.count == 0.f || top > *st.shift) Reshift(pl, st, top);
-      const Vec s = simd::Splat(*st.shift);
+    FeatureColumns(pl, w.kt, ld, nc, w.vis, w.phit);
+    if (pl.favor) {
+      // phit holds log φ(k̃_j) (-inf for masked / padding keys). For the intra-chunk weights each key
+      // is divided by its own largest feature: kc = e^{log φ - β_j}, β_j = max_f log φ(k̃_j)_f.
       for (int64_t j = 0; j < ncv; j += kWidth) {
-        const Vec factor = simd::ExpNonPositive(simd::Load(w.kshift + j) - s);  // 0 for masked keys (shift -inf)
-        for (int64_t f = 0; f < F; ++f) simd::Store(w.phit + f * ld + j, simd::Load(w.phit + f * ld + j) * factor);
+        Vec m = simd::Splat(-INFINITY);
+        for (int64_t f = 0; f < F; ++f) {
+          const Vec x = simd::Load(w.phit + f * ld + j);
+          m = x > m ? x : m;
+        }
+        simd::Store(w.beta + j, m);
+      }
+      for (int64_t f = 0; f < F; ++f) {
+        for (int64_t j = 0; j < ncv; j += kWidth) {
+          const Vec b = simd::Load(w.beta + j);
+          const Vec x = simd::Load(w.phit + f * ld + j) - (b > -INFINITY ? b : simd::Zero());
+          simd::Store(w.kc + f * ld + j, simd::ExpNonPositive(x));
+        }
       }
     }
     // Values of the chunk: in place, or copied (padded; masked rows zero so they cannot carry NaN).
@@ -727,8 +782,83 @@ void CausalRange(const Plan& pl, int64_t b, int64_t kvh, int64_t k_begin, int64_
           MaskRowTail(row, first + i, width);
         }
         FeatureRows(pl, qrows, d, m, w.center, w.phiq, w.qshift, w.tmp);
+      } else if (pl.favor) {
+        // With a = log φ(q̃) and l = log φ(k̃) (phit), the intra weight is A_ij = Σ_f e^{a_if + l_jf}.
+        // Row i is divided by e^{s_i}, s_i = max(max_f (a_if + m_f), max_{j<=last} M_ij) with
+        // M_ij = max_f (a_if + l_jf) (a max-plus product) and m the state's shifts (the keys before
+        // the chunk): every term is then at most F and the row's largest is at least 1. Intra weights
+        // come from G = e^{a - α} (e^{l - β})ᵀ, α_i / β_j the largest feature of the row / key, as
+        // G_ij e^{α_i + β_j - s_i}; a pair whose features are so misaligned (α_i + β_j - M_ij > 60)
+        // that G_ij would lose it to underflow is summed directly instead.
+        FeatureRows(pl, qrows, d, m, nullptr, w.qa, w.qshift, w.tmp);  // a (log features)
+        for (int64_t i = 0; i < m; ++i) {
+          const float* a = w.qa + i * pl.FP;
+          const int64_t last = first + i;
+          const int64_t width = RoundUp(last + 1, kWidth);
+          Vec peak = simd::Splat(-INFINITY), inter = simd::Splat(-INFINITY);
+          for (int64_t f = 0; f < pl.FP; f += kWidth) {
+            const Vec x = simd::Load(a + f);
+            peak = x > peak ? x : peak;
+            const Vec t = x + simd::Load(st.shift + f);
+            inter = t > inter ? t : inter;
+          }
+          float* mrow = w.mx + i * ld;
+          for (int64_t j = 0; j < width; j += kWidth) simd::Store(mrow + j, simd::Splat(-INFINITY));
+          for (int64_t f = 0; f < F; ++f) {
+            const Vec af = simd::Splat(a[f]);
+            const float* lrow = w.phit + f * ld;
+            for (int64_t j = 0; j < width; j += kWidth) {
+              const Vec t = af + simd::Load(lrow + j);
+              const Vec cur = simd::Load(mrow + j);
+              simd::Store(mrow + j, t > cur ? t : cur);
+            }
+          }
+          float s_i = simd::MaxLane(inter);
+          for (int64_t j = 0; j <= last; ++j) s_i = mrow[j] > s_i ? mrow[j] : s_i;
+          if (!(s_i > -INFINITY)) s_i = 0.f;  // sees no key (its weights are all 0); NaN stays
+          w.qshift[i] = s_i;
+          const float alpha = simd::MaxLane(peak);
+          w.alpha[i] = alpha;
+          const Vec va = simd::Splat(alpha > -INFINITY ? alpha : 0.f), vs = simd::Splat(s_i);
+          for (int64_t f = 0; f < pl.FP; f += kWidth) {
+            const Vec x = simd::Load(a + f);
+            simd::Store(w.qf + i * pl.FP + f, simd::ExpNonPositive(x - va));
+            simd::Store(w.phiq + i * pl.FP + f, simd::ExpNonPositive(x + simd::Load(st.shift + f) - vs));
+          }
+        }
+        gemm::Product pg;  // G = e^{a - α} (e^{l - β})ᵀ, lower triangle by row tile
+        pg.k1 = F;
+        pg.a1 = w.qf;
+        pg.lda1 = pl.FP;
+        pg.b1 = w.kc;
+        pg.ldb1 = ld;
+        pg.c = w.p;
+        pg.ldc = ld;
+        for (int64_t r0 = 0; r0 < m; r0 += gemm::kRows) {
+          const int rows = static_cast<int>(Min(gemm::kRows, m - r0));
+          const int64_t width = RoundUp(first + r0 + rows, kWidth);
+          gemm::Rows<gemm::kStore>(pg, r0, rows, width, 0);
+          for (int64_t i = r0; i < r0 + rows; ++i) {
+            float* row = w.p + i * ld;
+            const float* mrow = w.mx + i * ld;
+            const float alpha = w.alpha[i], s_i = w.qshift[i];
+            for (int64_t j = 0; j <= first + i; ++j) {
+              if (!(w.beta[j] > -INFINITY)) {
+                row[j] = 0.f;  // masked key
+              } else if (alpha + w.beta[j] - mrow[j] <= 60.f) {
+                row[j] *= std::exp(alpha + w.beta[j] - s_i);
+              } else {
+                const float* a = w.qa + i * pl.FP;
+                float sum = 0.f;
+                for (int64_t f = 0; f < F; ++f) sum += std::exp(a[f] + w.phit[f * ld + j] - s_i);
+                row[j] = sum;
+              }
+            }
+            MaskRowTail(row, first + i, width);
+          }
+        }
       } else {
-        FeatureRows(pl, qrows, d, m, nullptr, w.phiq, w.qshift, w.tmp);
+        FeatureRows(pl, qrows, d, m, nullptr, w.phiq, w.qshift, w.tmp, st.shift);
         gemm::Product pg;  // P = φ(Q) φ(K_c)ᵀ, lower triangle by row tile
         pg.k1 = F;
         pg.a1 = w.phiq;
@@ -751,7 +881,7 @@ void CausalRange(const Plan& pl, int64_t b, int64_t kvh, int64_t k_begin, int64_
         Vec acc = simd::Zero();
         for (int64_t j = 0; j < width; j += kWidth) acc += simd::Load(row + j);
         den += simd::Sum(acc);
-        w.inv[i] = InverseDenominator(pl, den, pl.favor ? w.qshift[i] + *st.shift : 0.f);
+        w.inv[i] = InverseDenominator(pl, den, pl.favor ? w.qshift[i] : 0.f);
       }
       const bool direct = pl.DvP == dv;
       gemm::Product yg;  // y = (φ(Q) S + P V_c) / den
@@ -785,6 +915,23 @@ void CausalRange(const Plan& pl, int64_t b, int64_t kvh, int64_t k_begin, int64_
     }
 
     // Fold the chunk into the state: S += φ(K_c)ᵀ V_c, z += Σ φ(k̃_j).
+    if (pl.favor && visible > 0) {  // log features -> features at the raised per-feature shifts
+      for (int64_t f = 0; f < F; ++f) {
+        const float* row = w.phit + f * ld;
+        Vec top = simd::Splat(-INFINITY);
+        for (int64_t j = 0; j < ncv; j += kWidth) {
+          const Vec x = simd::Load(row + j);
+          top = x > top ? x : top;
+        }
+        w.kshift[f] = simd::MaxLane(top);
+      }
+      RaiseShifts(pl, st, w.kshift);
+      for (int64_t f = 0; f < F; ++f) {
+        float* row = w.phit + f * ld;
+        const Vec shift = simd::Splat(st.shift[f]);
+        for (int64_t j = 0; j < ncv; j += kWidth) simd::Store(row + j, simd::ExpNonPositive(simd::Load(row + j) - shift));
+      }
+    }
     if (visible > 0) {
       gemm::Product sg;
       sg.k1 = nc;

@@ -84,11 +84,11 @@ ATTNEXPORT_INLINE Vec LoadPartial(const float* p, int64_t n) {
 ATTNEXPORT_INLINE void StorePartial(float* p, Vec v, int64_t n) {
   for (int64_t i = 0; i < n; ++i) p[i] = v[i];
 }
-// Lanes at index >= n set to 0.
-ATTNEXPORT_INLINE Vec KeepFirst(Vec v, int64_t n) {
+// Lanes at index >= n set to `fill` (0 by default).
+ATTNEXPORT_INLINE Vec KeepFirst(Vec v, int64_t n, float fill = 0.f) {
   IVec lane;
   for (int i = 0; i < kWidth; ++i) lane[i] = i;
-  return lane < static_cast<int32_t>(n) ? v : Zero();
+  return lane < static_cast<int32_t>(n) ? v : Splat(fill);
 }
 
 ATTNEXPORT_INLINE float Sum(Vec v) {
