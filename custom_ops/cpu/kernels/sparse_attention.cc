@@ -206,8 +206,21 @@ void ProcessTile(const Context& c, int64_t b, int64_t h, const Tile& tile, const
       const int64_t j0 = key_tile * kTk;
       const int64_t count = Min(kTk, p.kv_len - j0);
       const int64_t width = RoundUp(count, kStrip);
-      // S = Q Kᵀ over the tile's keys, one strip of Kᵀ at a time.
+      // S = Q Kᵀ over the strips of the tile that some span reaches (columns [c0, c1)); strips no
+      // span reaches in between (random blocks) are -inf.
+      int64_t c0 = width, c1 = 0;
       for (int64_t strip = 0; strip < width / kStrip; ++strip) {
+        const int64_t a = j0 + strip * kStrip, e = Min(a + kStrip, j0 + count);
+        bool reached = false;
+        for (int64_t s2 = 0; s2 < num_spans && !reached; ++s2) reached = w.spans[2 * s2] < e && w.spans[2 * s2 + 1] > a;
+        if (!reached) {
+          for (int64_t r = 0; r < rows; ++r) {
+            for (int64_t k = 0; k < kStrip; ++k) w.s[r * kTk + strip * kStrip + k] = kNegInf;
+          }
+          continue;
+        }
+        c0 = Min(c0, strip * kStrip);
+        c1 = strip * kStrip + kStrip;
         gemm::Product g;
         g.k1 = dk;
         g.a1 = q;
@@ -218,10 +231,12 @@ void ProcessTile(const Context& c, int64_t b, int64_t h, const Tile& tile, const
         g.ldc = kTk;
         gemm::Run<gemm::kStore>(g, rows, kStrip);
       }
+      if (c0 >= c1) continue;
+      const int64_t kend = Min(count, c1);  // keys [j0 + c0, j0 + kend) are real; columns up to c1 are -inf
 
       bool any_padding = false;
       if (key_mask) {
-        for (int64_t k = 0; k < count; ++k) {
+        for (int64_t k = c0; k < kend; ++k) {
           const bool keep = key_mask[j0 + k];
           w.colmask[k] = keep ? 0.f : kNegInf;
           any_padding |= !keep;
@@ -232,41 +247,41 @@ void ProcessTile(const Context& c, int64_t b, int64_t h, const Tile& tile, const
         const int64_t pos = p0 + r;
         const float* brow = bias ? bias + r * p.bias_stride[2] : nullptr;
         // Logits: scale, bias, key padding; -inf past the tile's keys.
-        int64_t k = 0;
-        for (; k + kWidth <= count; k += kWidth) {
+        int64_t k = c0;
+        for (; k + kWidth <= kend; k += kWidth) {
           Vec x = simd::Load(srow + k) * scale;
           if (brow) x += bias_per_key ? simd::Load(brow + j0 + k) : simd::Splat(brow[0]);
           if (any_padding) x += simd::Load(w.colmask + k);
           simd::Store(srow + k, x);
         }
-        for (; k < count; ++k) {
+        for (; k < kend; ++k) {
           float x = srow[k] * p.scale;
           if (brow) x += bias_per_key ? brow[j0 + k] : brow[0];
           if (any_padding) x += w.colmask[k];
           srow[k] = x;
         }
-        for (; k < width; ++k) srow[k] = kNegInf;
-        // The exact pattern where this row does not see every key of the tile.
-        if (!RowFull(pat, pos, j0, count, tile.dense)) {
+        for (; k < c1; ++k) srow[k] = kNegInf;
+        // The exact pattern where this row does not see every key of [j0 + c0, j0 + kend).
+        if (!RowFull(pat, pos, j0 + c0, kend - c0, tile.dense)) {
           if (tile.dense || (pat.dilation == 1 && !pat.random())) {
             // Visible: j < num_global or pos - wl <= j <= pos + wr (all j for dense rows), and j <= pos if causal.
-            const int64_t stop = pat.causal ? Min(j0 + count, pos + 1) : j0 + count;
+            const int64_t stop = pat.causal ? Min(j0 + kend, pos + 1) : j0 + kend;
             const int64_t lo = tile.dense ? j0 : Max(j0, pos - pat.wl);
             const int64_t hi = tile.dense ? stop : Min(stop, pos + pat.wr + 1);
             const int64_t globals = tile.dense ? j0 : Min(stop, pat.num_global);
-            for (int64_t j = j0; j < j0 + count; ++j) {
+            for (int64_t j = j0 + c0; j < j0 + kend; ++j) {
               if (!(j < globals || (j >= lo && j < hi))) srow[j - j0] = kNegInf;
             }
           } else {
             const int64_t* chosen = w.chosen + r * pat.num_random;
-            for (int64_t j = j0; j < j0 + count; ++j) {
+            for (int64_t j = j0 + c0; j < j0 + kend; ++j) {
               if (!Visible(pat, chosen, pos, j, false)) srow[j - j0] = kNegInf;
             }
           }
         }
         // Online softmax.
         Vec mx = neg_inf;
-        for (k = 0; k < width; k += kWidth) {
+        for (k = c0; k < c1; k += kWidth) {
           const Vec x = simd::Load(srow + k);
           mx = x > mx ? x : mx;
         }
@@ -274,12 +289,12 @@ void ProcessTile(const Context& c, int64_t b, int64_t h, const Tile& tile, const
         const float m_old = w.m[r];
         const float m_new = tile_max > m_old ? tile_max : m_old;
         if (m_new == kNegInf) {  // nothing visible yet: no weight
-          std::memset(srow, 0, sizeof(float) * width);
+          std::memset(srow + c0, 0, sizeof(float) * (c1 - c0));
           continue;
         }
         const Vec mv = simd::Splat(m_new);
         Vec sum = simd::Zero();
-        for (k = 0; k < width; k += kWidth) {
+        for (k = c0; k < c1; k += kWidth) {
           const Vec e = simd::ExpNonPositive(simd::Load(srow + k) - mv);
           sum += e;
           simd::Store(srow + k, e);
@@ -296,12 +311,12 @@ void ProcessTile(const Context& c, int64_t b, int64_t h, const Tile& tile, const
         }
         w.l[r] += simd::Sum(sum);
       }
-      // O += P V.
+      // O += P V over the reached keys.
       gemm::Product pv;
-      pv.k1 = count;
-      pv.a1 = w.s;
+      pv.k1 = kend - c0;
+      pv.a1 = w.s + c0;
       pv.lda1 = kTk;
-      pv.b1 = v + j0 * c.ldv;
+      pv.b1 = v + (j0 + c0) * c.ldv;
       pv.ldb1 = c.ldv;
       pv.c = w.o;
       pv.ldc = c.ldo;
