@@ -28,6 +28,8 @@ def load(path: str | os.PathLike) -> ir.Model:
         raise ModelLoadError(f"{path}: not a readable ONNX model ({_first_line(e)})") from None
     if not proto.graph.node and not proto.graph.output:
         raise ModelLoadError(f"{path}: not an ONNX model (no graph)")
+    if not proto.graph.output:
+        raise ModelLoadError(f"{path}: the graph has no outputs")
     check_opsets(proto, path)
     _check_external_data_present(proto, path)
     try:

@@ -63,6 +63,9 @@ class _Graph:
         node = ir.node(op_type, inputs, attributes or {}, domain=domain, name=self.fresh(stem or op_type))
         for out in node.outputs:
             out.name = self.fresh((stem or op_type) + "_out")
+            dtype = _output_dtype(node)
+            if dtype is not None:
+                out.dtype = dtype
             self.values[out.name] = out
         return node
 
@@ -77,6 +80,25 @@ class _Graph:
         cast = self.node("Cast", [source], {"to": ir.DataType.BOOL}, stem="key_padding_mask")
         self._bool_masks[input_name] = cast.outputs[0]
         return cast.outputs[0], [cast]
+
+
+_SAME_AS_FIRST_INPUT = {"Transpose", "Reshape", "Add", "Slice", "Identity", "Gather", "Split", "Unsqueeze", "Concat",
+                        "MatMul", "Range"}
+
+
+def _output_dtype(node: ir.Node) -> ir.DataType | None:
+    """Element type of what the rewriter's own nodes produce, so later steps (function attachment,
+    shape inference) see typed values."""
+    if node.op_type == "Cast":
+        return ir.DataType(node.attributes.get_int("to"))
+    if node.op_type == "Shape":
+        return ir.DataType.INT64
+    if node.op_type == "Less":
+        return ir.DataType.BOOL
+    if node.domain == DOMAIN or node.op_type in _SAME_AS_FIRST_INPUT:
+        first = node.inputs[0] if node.inputs else None
+        return first.dtype if first is not None else None
+    return None
 
 
 def _to_bhsd(g: _Graph, operand: Operand, stem: str, source: ir.Value | None = None) -> tuple[ir.Value, list[ir.Node]]:
@@ -116,6 +138,8 @@ def _project(g: _Graph, projection: Projection, stem: str) -> tuple[list[ir.Valu
     split = ir.node("Split", [qkv, sizes], {"axis": -1}, num_outputs=3, name=g.fresh(f"{stem}_qkv_split"))
     for out in split.outputs:
         out.name = g.fresh(f"{stem}_qkv_part")
+        if qkv.dtype is not None:
+            out.dtype = qkv.dtype
         g.values[out.name] = out
     nodes.append(split)
     return list(split.outputs), nodes
@@ -169,6 +193,11 @@ def _replace_site(g: _Graph, site_plan: SitePlan) -> None:
     new_nodes += nodes
     v, nodes = _to_bhsd(g, site.v, f"{stem}_v", sources[2])
     new_nodes += nodes
+    # Values of graphs without value_info carry no type; the probe saw it, and the op's reference
+    # function (built per dtype below opset 15) needs it.
+    for value in (q, k, v):
+        if value.dtype is None and site.dtype:
+            value.dtype = ir.DataType.from_numpy(np.dtype(site.dtype))
     inputs: dict[str, ir.Value | None] = {"Q": q, "K": k, "V": v}
     if site.mask.key_padding_input:
         if site.mask.key_padding_kind == "end_positions":

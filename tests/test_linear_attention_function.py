@@ -201,10 +201,16 @@ def test_float16(opset, op_library):
 
 
 @pytest.mark.parametrize("opset", (13, 14))
-def test_float16_below_opset_15_is_refused(opset):
-    model = build([Node()], opset, np.float16, attach=False)
-    with pytest.raises(UnsupportedError, match="opset >= 15"):
-        attach_functions(model)
+def test_float16_below_opset_15_casts_to_the_nodes_dtype(opset):
+    """No CastLike before opset 15: the function casts its result to the dtype all nodes share."""
+    nodes = [Node(), Node(causal=1)]
+    model = build(nodes, opset, np.float16)
+    feeds = feeds_for(SHAPES["gqa4_sq<skv"], np.float16)
+    refs = [n.reference(feeds) for n in nodes]
+    for with_library, form in ((False, "function"), (True, "kernel")):
+        outs = run_ort(model, feeds, with_library=with_library)
+        assert all(y.dtype == np.float16 for y in outs)
+        assert_matches(outs, nodes, refs, form=f"{form} (float16, opset {opset})", rtol=2e-3, atol=2e-3)
 
 
 # -- large magnitudes -----------------------------------------------------------------------------

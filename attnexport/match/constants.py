@@ -41,3 +41,26 @@ def is_scalar_like(value: ir.Value | None) -> bool:
     if array is not None:
         return array.size == 1
     return static_size(value) == 1
+
+
+_SHAPE_ONLY = {"Shape", "Size"}
+
+
+def data_dependent(value: ir.Value | None, graph_inputs: set[str], limit: int = 64) -> bool:
+    """Does `value` depend on the *data* of a graph input (not only on shapes)?
+
+    A scale computed from Shape(x) is the same for every input of a given shape (and probes at two
+    lengths confirm it); a scale read from an input tensor is not a constant at all."""
+    stack, seen = [value], set()
+    while stack and len(seen) < limit:
+        v = stack.pop()
+        if v is None or id(v) in seen:
+            continue
+        seen.add(id(v))
+        if v.name in graph_inputs and v.const_value is None:
+            return True
+        node = v.producer()
+        if node is None or node.op_type in _SHAPE_ONLY:
+            continue
+        stack.extend(node.inputs)
+    return len(seen) >= limit  # too deep to tell: treat as data-dependent

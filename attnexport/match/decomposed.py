@@ -14,7 +14,7 @@ import numpy as np
 import onnx_ir as ir
 
 from attnexport.match import layout
-from attnexport.match.constants import scalar
+from attnexport.match.constants import data_dependent, scalar
 from attnexport.match.core import CoreMatch, find_cores
 from attnexport.match.masks import MaskProbe, classify
 from attnexport.match.probing import ProbeRun
@@ -24,8 +24,9 @@ from attnexport.sites import AttentionSite, Operand
 class DecomposedCandidate:
     source = "decomposed"
 
-    def __init__(self, core: CoreMatch):
+    def __init__(self, core: CoreMatch, graph_inputs=()):
         self.core = core
+        self.graph_inputs = list(graph_inputs)
         self.q_chain = layout.upstream_chain(core.query)
         self.k_chain = layout.upstream_chain(core.key)
         self.v_chain = layout.upstream_chain(core.value)
@@ -85,6 +86,8 @@ class DecomposedCandidate:
         post = self._post_scale(run)
         if post is None:
             return _unresolved(site, "the logits are scaled by a non-scalar value")
+        if self._scale_from_data():
+            return _unresolved(site, "the scale is read from an input tensor, not a constant")
         numeric_scale = q.alpha * k.alpha * post * c.product_alpha
         static = self._static_scale(q, k)
         head_dim = q.bhsd.shape[-1]
@@ -126,6 +129,17 @@ class DecomposedCandidate:
         return site
 
     # -- helpers -----------------------------------------------------------------------------------------
+
+    def _scale_from_data(self) -> bool:
+        """Is any scalar factor on the Q, K or score path read from graph input data?"""
+        inputs = {v.name for v in self.graph_inputs}
+        factors = [self.core.qk_scale] if self.core.qk_scale is not None else []
+        for chain in (self.q_chain, self.k_chain):
+            for link in chain[1:]:
+                for node in link.nodes[-1:]:
+                    if node.op_type in ("Mul", "Div"):
+                        factors += [x for x in node.inputs if x is not None and x is not link.value]
+        return any(data_dependent(f, inputs) for f in factors)
 
     def _post_scale(self, run: dict[str, np.ndarray]) -> float | None:
         c = self.core
@@ -205,7 +219,7 @@ class DecomposedCandidate:
 
 
 def find_candidates(model: ir.Model) -> list[DecomposedCandidate]:
-    return [DecomposedCandidate(core) for core in find_cores(model)]
+    return [DecomposedCandidate(core, model.graph.inputs) for core in find_cores(model)]
 
 
 def _choose_scale(static: float | None, numeric: float, head_dim: int) -> float | None:

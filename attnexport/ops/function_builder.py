@@ -144,6 +144,28 @@ class FunctionBuilder:
     def squeeze(self, x: str, *axes: int) -> str:
         return self.op("Squeeze", x, self.ints(*axes))  # axes an input since 13
 
+    def output_dtype(self, op_name: str, dtypes) -> int | None:
+        """Below opset 15 (no CastLike) a function's result is cast to the one element type every node
+        shares, read from the nodes when the function is built; None means float32 (or opset >= 15).
+        Raises UnsupportedError for nodes of several types there."""
+        if self.opset >= 15:
+            return None
+        types = {t for t in dtypes if t is not None}
+        if len(types) > 1:
+            names = ", ".join(sorted(helper.tensor_dtype_to_string(t) for t in types))
+            raise UnsupportedError(
+                f"{op_name} nodes on {names} share one ONNX function, which needs opset >= 15 to follow each "
+                f"node's dtype (the model has opset {self.opset}); convert the model to one float type or a newer opset"
+            )
+        dtype = types.pop() if types else None
+        return None if dtype == FLOAT else dtype
+
+    def cast_to_input_dtype(self, x: str, like: str, output_dtype: int | None) -> str:
+        """`x` (float32) in the dtype of input `like`: CastLike from opset 15, else `output_dtype`."""
+        if self.opset >= 15:
+            return self.cast_like(x, like)
+        return self.op("Cast", x, to=output_dtype) if output_dtype is not None else self.op("Identity", x)
+
     def cast_like(self, x: str, like: str) -> str:
         if self.opset < 15:
             raise UnsupportedError(f"CastLike needs opset >= 15 (the model has {self.opset})")

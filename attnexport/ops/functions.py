@@ -20,7 +20,7 @@ op name to the module that builds it). It also:
 
 Nothing else is touched: initializers (loaded, or external and not loaded) are never read.
 Raises `UnsupportedError` with a one-line reason when no valid function exists (opset < 13,
-float16 at opset < 15, an unknown attnexport op, an invalid attribute, ai.onnx.ml opset 1).
+nodes of several float types at opset < 15, an unknown attnexport op, an invalid attribute, ai.onnx.ml opset 1).
 
 Models with a node named LinearAttention cannot be run by a plain `onnx.reference.ReferenceEvaluator`
 (onnx >= 1.20): it checks every node against ONNX's own schema of that op_type *whatever the node's
@@ -43,6 +43,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from attnexport.errors import UnsupportedError
 from attnexport.ops import linear_attention, sparse_attention
+from attnexport.ops import lse_attention
 from attnexport.ops.function_builder import MIN_ML_OPSET, MIN_OPSET, ML_DOMAIN, Placeholder
 from attnexport.ops.schema import DOMAIN, DOMAIN_VERSION, OpSchema
 
@@ -51,6 +52,7 @@ from attnexport.ops.schema import DOMAIN, DOMAIN_VERSION, OpSchema
 REGISTRY: dict[str, ModuleType] = {
     linear_attention.SCHEMA.name: linear_attention,
     sparse_attention.SCHEMA.name: sparse_attention,
+    lse_attention.SCHEMA.name: lse_attention,
 }
 
 FUNCTION_IR_VERSION = 9  # FunctionProto.attribute_proto (defaults)

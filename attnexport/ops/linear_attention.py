@@ -95,17 +95,12 @@ def build_function(opset: int, variants: Iterable[Mapping[str, Any]], *, ml_opse
     model invalid in ONNX Runtime even when the branch is not taken); `attach_functions` arranges both.
     `ml_opset` is the ai.onnx.ml version to import when string attributes need branching (the
     model's own, >= 2).
-    Raises UnsupportedError for opset < 13, float16 at opset < 15 (no CastLike), or such a mix.
+    Below opset 15 (no CastLike) the result is cast to the one dtype all nodes share; raises
+    UnsupportedError for opset < 13 or nodes of several float types there.
     """
     vs = [Variant.of(v) for v in variants] or [Variant()]
     b = FunctionBuilder(opset, ml_opset=ml_opset)
-    if opset < 15:
-        wide = sorted({_FLOAT_TYPES[v.dtype] for v in vs if v.dtype not in (None, TensorProto.FLOAT)})
-        if wide:
-            raise UnsupportedError(
-                f"LinearAttention on {', '.join(wide)} needs opset >= 15 for its ONNX function (the model has "
-                f"opset {opset}); convert the model to float32 or to a newer opset"
-            )
+    output_dtype = b.output_dtype(SCHEMA.name, [v.dtype for v in vs])
     if len({v.key_padding_mask for v in vs}) > 1:
         raise UnsupportedError(
             "some LinearAttention nodes pass key_padding_mask and some do not; one function serves them all "
@@ -238,7 +233,7 @@ def build_function(opset: int, variants: Iterable[Mapping[str, Any]], *, ml_opse
     y5 = b.op("Div", b.op("MatMul", weights, v5), den)
     y5 = b.op("Where", b.op("Greater", den, b.const(0.0)), y5, b.const(0.0))  # no visible key (and eps 0)
     y = b.op("Reshape", y5, b.op("Concat", batch, q_heads, q_len, value_dim, axis=0))
-    y = b.cast_like(y, "Q") if opset >= 15 else b.op("Identity", y)
+    y = b.cast_to_input_dtype(y, "Q", output_dtype)
     b.op("Identity", y, outputs=["Y"])
 
     defaults = [helper.make_attribute(a.name, a.default) for a in SCHEMA.attributes]

@@ -88,16 +88,10 @@ def build_function(opset: int, variants: Iterable[Mapping[str, Any]], *, ml_opse
     """The generic `attnexport.SparseAttention` function for default-domain `opset`, covering the
     node configurations `variants` (see `Variant.of`; none means one default node). Every node must
     agree on which optional inputs it passes (`attach_functions` gives the others placeholders).
-    Raises UnsupportedError for opset < 13, float16 at opset < 15 (no CastLike), or such a mix."""
+    Raises UnsupportedError for opset < 13, or nodes of several float types below opset 15."""
     vs = [Variant.of(v) for v in variants] or [Variant()]
     b = FunctionBuilder(opset, ml_opset=ml_opset)
-    if opset < 15:
-        wide = sorted({_FLOAT_TYPES[v.dtype] for v in vs if v.dtype not in (None, TensorProto.FLOAT)})
-        if wide:
-            raise UnsupportedError(
-                f"SparseAttention on {', '.join(wide)} needs opset >= 15 for its ONNX function (the model has "
-                f"opset {opset}); convert the model to float32 or to a newer opset"
-            )
+    output_dtype = b.output_dtype(SCHEMA.name, [v.dtype for v in vs])
     for name in ("key_padding_mask", "attn_bias"):
         if len({getattr(v, name) for v in vs}) > 1:
             raise UnsupportedError(f"some SparseAttention nodes pass {name} and some do not; one function serves "
@@ -187,7 +181,7 @@ def build_function(opset: int, variants: Iterable[Mapping[str, Any]], *, ml_opse
     y5 = b.op("Div", b.op("MatMul", weights5, v5), total5)
     y5 = b.op("Where", b.op("Greater", total5, b.const(0.0)), y5, b.const(0.0))  # no visible key
     y = b.op("Reshape", y5, b.op("Concat", batch, q_heads, q_len, value_dim, axis=0))
-    y = b.cast_like(y, "Q") if opset >= 15 else b.op("Identity", y)
+    y = b.cast_to_input_dtype(y, "Q", output_dtype)
     b.op("Identity", y, outputs=["Y"])
 
     defaults = [helper.make_attribute(a.name, a.default) for a in SCHEMA.attributes]
