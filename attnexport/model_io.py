@@ -43,7 +43,26 @@ def _load_ir(path: Path, proto: onnx.ModelProto) -> ir.Model:
     # first use) resolve relative to the model's directory.
     model = ir.serde.deserialize_model(proto)
     ir.external_data.set_base_dir(model.graph, str(path.parent.resolve()))
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer):
+        model.graph.meta[_HAD_EXTERNAL_DATA] = True  # the output keeps its data external too
+    _load_small_external_tensors(model)
     return model
+
+
+_HAD_EXTERNAL_DATA = "attnexport.had_external_data"
+
+
+SMALL_TENSOR_BYTES = 1 << 20
+
+
+def _load_small_external_tensors(model: ir.Model) -> None:
+    """Small external tensors (shapes, axes, scales) are read into memory: ONNX Runtime's shape inference
+    cannot read external data of a model given as bytes (as probing and verify give it). Large weights
+    stay memory-mapped on disk."""
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if isinstance(tensor, ir.ExternalTensor) and tensor.nbytes <= SMALL_TENSOR_BYTES:
+            value.const_value = ir.tensor(tensor.numpy(), name=tensor.name)
 
 
 def check_opsets(proto: onnx.ModelProto, path: str | os.PathLike = "model") -> None:
@@ -74,6 +93,9 @@ def opset_of(model: ir.Model) -> int:
 
 
 def has_external_data(model: ir.Model) -> bool:
+    """Did the model come with external data (or does it hold external tensors now)?"""
+    if model.graph.meta.get(_HAD_EXTERNAL_DATA):
+        return True
     return any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
 
 
