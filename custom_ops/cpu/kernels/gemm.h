@@ -19,7 +19,9 @@ namespace attnexport::cpu::ATTNEXPORT_ISA::gemm {
 using simd::kWidth;
 using simd::Vec;
 
-#if defined(ATTNEXPORT_SIMD_WIDTH)
+#if defined(ATTNEXPORT_GEMM_ROWS) && defined(ATTNEXPORT_GEMM_VECS)
+constexpr int kRows = ATTNEXPORT_GEMM_ROWS, kVecs = ATTNEXPORT_GEMM_VECS;  // test builds: another ISA's blocking
+#elif defined(ATTNEXPORT_SIMD_WIDTH)
 constexpr int kRows = 4, kVecs = 2;  // forced-width test builds: correctness, not speed
 #elif defined(__AVX512F__)
 constexpr int kRows = 6, kVecs = 4;  // 24 accumulators of 32 zmm registers; d = 64 is 4 vectors
@@ -136,41 +138,31 @@ ATTNEXPORT_INLINE void Tile(const Product& g, int64_t i0, int64_t n0, int64_t k2
   }
 }
 
+// Columns [n0, n0 + rest vectors) of a tile of R rows, in tiles of NV, NV-1, ... vectors.
+template <int R, int NV, int kMode, bool kKMajor>
+ATTNEXPORT_INLINE void ColumnTail(const Product& g, int64_t i0, int64_t n0, int64_t rest, int64_t k2) {
+  if (rest >= NV) {
+    Tile<R, NV, kMode, kKMajor>(g, i0, n0, k2);
+    n0 += NV * kWidth;
+    rest -= NV;
+  }
+  if constexpr (NV > 1) ColumnTail<R, NV - 1, kMode, kKMajor>(g, i0, n0, rest, k2);
+}
+
 // One tile of R rows across columns [0, n) (n a multiple of kWidth).
 template <int R, int kMode, bool kKMajor>
 inline void RowTile(const Product& g, int64_t i0, int64_t n, int64_t k2) {
   int64_t n0 = 0;
   for (; n0 + kVecs * kWidth <= n; n0 += kVecs * kWidth) Tile<R, kVecs, kMode, kKMajor>(g, i0, n0, k2);
-  int64_t rest = (n - n0) / kWidth;
-  if constexpr (kVecs > 3) {
-    if (rest >= 3) {
-      Tile<R, 3, kMode, kKMajor>(g, i0, n0, k2);
-      n0 += 3 * kWidth;
-      rest -= 3;
-    }
-  }
-  if constexpr (kVecs > 2) {
-    if (rest >= 2) {
-      Tile<R, 2, kMode, kKMajor>(g, i0, n0, k2);
-      n0 += 2 * kWidth;
-      rest -= 2;
-    }
-  }
-  if (rest >= 1) Tile<R, 1, kMode, kKMajor>(g, i0, n0, k2);
+  if constexpr (kVecs > 1) ColumnTail<R, kVecs - 1, kMode, kKMajor>(g, i0, n0, (n - n0) / kWidth, k2);
 }
 
-template <int kMode, bool kKMajor>
+template <int kMode, bool kKMajor, int R = kRows>
 inline void RowsLayout(const Product& g, int64_t i0, int rows, int64_t n, int64_t k2) {
-  switch (rows) {
-    case 1: RowTile<1, kMode, kKMajor>(g, i0, n, k2); break;
-    case 2: RowTile<2, kMode, kKMajor>(g, i0, n, k2); break;
-    case 3: RowTile<3, kMode, kKMajor>(g, i0, n, k2); break;
-    case 4: RowTile<4, kMode, kKMajor>(g, i0, n, k2); break;
-#if !defined(ATTNEXPORT_SIMD_WIDTH) && (defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__)))
-    case 5: RowTile<5, kMode, kKMajor>(g, i0, n, k2); break;
-    case 6: RowTile<6, kMode, kKMajor>(g, i0, n, k2); break;
-#endif
-    default: break;
+  if (rows == R) {
+    RowTile<R, kMode, kKMajor>(g, i0, n, k2);
+  } else if constexpr (R > 1) {
+    RowsLayout<kMode, kKMajor, R - 1>(g, i0, rows, n, k2);
   }
 }
 

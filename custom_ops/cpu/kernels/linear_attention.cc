@@ -1042,8 +1042,9 @@ void LinearAttentionForward(const LinearAttentionProblem& p, const LinearAttenti
   }
 
   if (!p.causal) {
-    // (1) Partial states over key ranges: enough tasks for the pool, each at least a few blocks.
-    const int64_t want = 4 * threads;
+    // (1) Partial states over key ranges: enough tasks for the pool to balance dynamically (a shared
+    // machine's threads do not run at one speed), each at least a few blocks.
+    const int64_t want = 8 * threads;
     const int64_t min_keys = Max(4 * kKeyBlock, pl.F);
     const int64_t ksplit = Max(1, Min(CeilDiv(want, heads), p.kv_len / min_keys));
     float* states = scratch.Get<float>(static_cast<size_t>(heads * ksplit * StateFloats(pl)));
