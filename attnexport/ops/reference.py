@@ -145,6 +145,98 @@ def _expansion_center(logits: np.ndarray, vis: np.ndarray, expansion_point: str)
     return np.where(count > 0, peak, 0.0)
 
 
+# -- LseAttention ------------------------------------------------------------------------------
+
+
+def lse_state_parts(state: np.ndarray, value_dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(S [.., Dk, Dv], z [.., Dk], m [.., Dk]) of an LseAttention state [.., Dk, Dv + 2], float64.
+
+    A key dimension d with z_d = 0 holds no key: its S row is read as 0 and its maximum as -inf, so
+    an all-zeros state is the empty state.
+    """
+    state = np.asarray(state, dtype=np.float64)
+    if state.shape[-1] != value_dim + 2:
+        raise ValueError(f"LseAttention state has {state.shape[-1]} columns, expected Dv + 2 = {value_dim + 2}")
+    z = state[..., value_dim]
+    held = z > 0
+    s = np.where(held[..., None], state[..., :value_dim], 0.0)
+    m = np.where(held, state[..., value_dim + 1], -np.inf)
+    return s, np.where(held, z, 0.0), m
+
+
+def lse_attention(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    key_padding_mask: np.ndarray | None = None,
+    past_state: np.ndarray | None = None,
+    *,
+    scale: float | None = None,
+    causal: int = 0,
+    return_state: bool = False,
+):
+    """LseAttention (Heinsen 2024), quadratic form, float64, straight from the definition:
+
+        l_ij = log Σ_d exp(q̃_id + k̃_jd),  q̃ = √scale·q, k̃ = √scale·k,
+        y_i  = Σ_j e^{l_ij} v_j / Σ_j e^{l_ij}  over the keys j query i sees (signed V),
+
+    evaluated in log space (max-shifted), so it is exact for inputs of any magnitude. Query i sees
+    every key held by `past_state` and the keys j of this call that key_padding_mask keeps and, when
+    causal, j <= i + (Skv - Sq). A row that sees no key gives 0.
+
+    State [B, Hkv, Dk, Dv + 2] (float): per key dimension d, columns [:Dv] hold
+    S_d = Σ_j exp(k̃_jd - m_d) v_j, column Dv holds z_d = Σ_j exp(k̃_jd - m_d) and column Dv + 1 holds
+    m_d = max_j k̃_jd, over the keys it holds (see `lse_state_parts`; zeros = empty). With
+    return_state, returns (y, present_state): the past keys plus every key of this call that
+    key_padding_mask keeps (the causal attribute only says which of them each query sees).
+    """
+    q = np.asarray(q, dtype=np.float64)
+    k = np.asarray(k, dtype=np.float64)
+    v = np.asarray(v, dtype=np.float64)
+    batch, num_q_heads, q_len, head_dim = q.shape
+    num_kv_heads, kv_len, value_dim = k.shape[1], k.shape[2], v.shape[3]
+    if scale is None or (isinstance(scale, float) and math.isnan(scale)):
+        scale = default_scale(head_dim)
+    root = math.sqrt(scale)
+    qt, kt = root * q, root * k
+    kt_full, v_full = expand_kv_heads(kt, num_q_heads), expand_kv_heads(v, num_q_heads)
+    vis = visibility(batch, q_len, kv_len, causal=bool(causal), key_padding_mask=key_padding_mask)
+
+    pair = qt[:, :, :, None, :] + kt_full[:, :, None, :, :]  # [B, H, Sq, Skv, Dk]
+    peak = pair.max(axis=-1, keepdims=True) if head_dim else np.zeros(pair.shape[:-1] + (1,))
+    logits = (peak + np.log(np.exp(pair - peak).sum(axis=-1, keepdims=True)))[..., 0]
+    logits = np.where(vis, logits, -np.inf)
+
+    if past_state is None:
+        past_state = np.zeros((batch, num_kv_heads, head_dim, value_dim + 2))
+    s_past, z_past, m_past = lse_state_parts(past_state, value_dim)
+    s_full = expand_kv_heads(s_past, num_q_heads)  # [B, H, Dk, Dv]
+    z_full = expand_kv_heads(z_past[..., None], num_q_heads)[..., 0]  # [B, H, Dk]
+    m_full = expand_kv_heads(m_past[..., None], num_q_heads)[..., 0]
+    state_logits = qt + m_full[:, :, None, :]  # [B, H, Sq, Dk]: log weight of key dimension d of the past
+
+    row_max = np.maximum(logits.max(axis=-1, keepdims=True, initial=-np.inf),
+                         state_logits.max(axis=-1, keepdims=True, initial=-np.inf))
+    row_max = np.where(np.isfinite(row_max), row_max, 0.0)
+    weights = np.exp(logits - row_max)
+    past_weights = np.exp(state_logits - row_max)
+    numerator = weights @ v_full + past_weights @ s_full
+    denominator = weights.sum(axis=-1, keepdims=True) + (past_weights * z_full[:, :, None, :]).sum(axis=-1, keepdims=True)
+    y = np.where(denominator > 0, numerator / np.where(denominator > 0, denominator, 1.0), 0.0)
+    if not return_state:
+        return y
+
+    keep = np.ones((batch, kv_len), dtype=bool) if key_padding_mask is None else np.asarray(key_padding_mask, dtype=bool)
+    kept = np.where(keep[:, None, :, None], kt, -np.inf)  # [B, Hkv, Skv, Dk]
+    m_new = np.maximum(m_past, kept.max(axis=2, initial=-np.inf))
+    m_safe = np.where(np.isfinite(m_new), m_new, 0.0)
+    e = np.exp(kept - m_safe[:, :, None, :])
+    factor = np.exp(m_past - m_safe)  # 0 for dimensions that held nothing
+    s_new = s_past * factor[..., None] + np.swapaxes(e, -1, -2) @ v
+    z_new = z_past * factor + e.sum(axis=2)
+    return y, np.concatenate([s_new, z_new[..., None], m_safe[..., None]], axis=-1)
+
+
 def softmax_attention(
     q: np.ndarray,
     k: np.ndarray,

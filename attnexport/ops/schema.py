@@ -123,6 +123,29 @@ LINEAR_ATTENTION = OpSchema(
     ),
 )
 
+LSE_ATTENTION = OpSchema(
+    name="LseAttention",
+    doc=(
+        "Heinsen (2024): y_i = sum_j w_ij v_j / sum_j w_ij over visible keys j (past_state's and this call's), "
+        "w_ij = sum_d exp(q~_id + k~_jd), q~ = sqrt(scale) q, k~ = sqrt(scale) k; a row with no visible key gives 0. "
+        "State [B, Hkv, Dk, Dv+2] float32, per key dimension d: [S_d (Dv) | z_d | m_d] with "
+        "m_d = max_j k~_jd, z_d = sum_j exp(k~_jd - m_d), S_d = sum_j exp(k~_jd - m_d) v_j; z_d = 0: empty."
+    ),
+    inputs=(
+        InputSpec("Q", "[B, Hq, Sq, Dk]"),
+        InputSpec("K", "[B, Hkv, Skv, Dk]"),
+        InputSpec("V", "[B, Hkv, Skv, Dv]"),
+        InputSpec("key_padding_mask", "[B, Skv] bool, true = attend", optional=True),
+        InputSpec("past_state", "[B, Hkv, Dk, Dv+2] float32: the keys of earlier calls (zeros = none)", optional=True),
+    ),
+    outputs=(
+        InputSpec("Y", "[B, Hq, Sq, Dv]"),
+        InputSpec("present_state", "[B, Hkv, Dk, Dv+2] float32: past_state plus this call's unpadded keys "
+                  "(always produced: the kernel registration needs a fixed output count for its float32 type)"),
+    ),
+    attributes=(SCALE, CAUSAL),
+)
+
 SPARSE_ATTENTION = OpSchema(
     name="SparseAttention",
     doc=(
@@ -155,3 +178,4 @@ SPARSE_ATTENTION = OpSchema(
 )
 
 SCHEMAS: dict[str, OpSchema] = {LINEAR_ATTENTION.name: LINEAR_ATTENTION, SPARSE_ATTENTION.name: SPARSE_ATTENTION}
+SCHEMAS[LSE_ATTENTION.name] = LSE_ATTENTION

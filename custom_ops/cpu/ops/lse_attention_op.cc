@@ -1,0 +1,171 @@
+// ONNX Runtime glue of LseAttention (CPU): reads attributes and inputs, checks shapes, stages float16
+// as float32, broadcasts past_state to its full shape, and runs the ISA variant of the kernel on ORT's
+// thread pool. present_state is float32 [B, Hkv, Dk, Dv + 2], always produced.
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "common/shape_inference.h"
+#include "cpu/kernels/lse_attention.h"
+#include "cpu/ops/tensor_io.h"
+#include "ops.h"
+
+namespace attnexport {
+namespace {
+
+using cpu::Require;
+using cpu::ShapeString;
+
+constexpr const char* kName = "LseAttention";
+enum Input { kQ = 0, kK, kV, kKeyPaddingMask, kPastState, kNumInputs };
+enum Output { kY = 0, kPresentState, kNumOutputs };
+
+// past_state as a full [B, Hkv, Dk, Dv + 2] float32 array: the input itself when it has that shape,
+// otherwise its numpy-style broadcast (the [1, 1] zeros attach_functions gives a node without a
+// state broadcasts to the empty state).
+const float* FullState(const Ort::ConstValue& value, const std::vector<int64_t>& full, cpu::ScratchArena& arena) {
+  const auto shape = value.GetTensorTypeAndShapeInfo().GetShape();
+  const float* data = cpu::AsFloat32(value, arena);
+  if (shape == full) return data;
+  Require(shape.size() <= full.size(), "past_state " + ShapeString(shape) + " does not broadcast to " + ShapeString(full));
+  std::vector<int64_t> dims(full.size() - shape.size(), 1);
+  dims.insert(dims.end(), shape.begin(), shape.end());
+  for (size_t i = 0; i < full.size(); ++i) {
+    Require(dims[i] == 1 || dims[i] == full[i],
+            "past_state " + ShapeString(shape) + " does not broadcast to " + ShapeString(full));
+  }
+  const int64_t count = cpu::ElementCount(full);
+  float* out = static_cast<float*>(arena.Allocate(static_cast<size_t>(count) * sizeof(float)));
+  std::vector<int64_t> strides(full.size(), 0);
+  for (int64_t i = static_cast<int64_t>(full.size()) - 1, stride = 1; i >= 0; --i) {
+    strides[i] = dims[i] == 1 ? 0 : stride;
+    stride *= dims[i];
+  }
+  std::vector<int64_t> index(full.size(), 0);
+  for (int64_t flat = 0; flat < count; ++flat) {
+    int64_t src = 0;
+    for (size_t i = 0; i < full.size(); ++i) src += index[i] * strides[i];
+    out[flat] = data[src];
+    for (int64_t i = static_cast<int64_t>(full.size()) - 1; i >= 0; --i) {
+      if (++index[i] < full[i]) break;
+      index[i] = 0;
+    }
+  }
+  return out;
+}
+
+struct LseAttentionKernel {
+  LseAttentionKernel(const OrtApi&, const OrtKernelInfo* info) {
+    scale_ = FloatAttribute(info, "scale", std::nanf(""));
+    causal_ = IntAttribute(info, "causal", 0) != 0;
+    Require(std::isnan(scale_) || scale_ > 0.f, "scale must be > 0 (q~ = sqrt(scale) q)");
+  }
+
+  void Compute(OrtKernelContext* raw_context) {
+    Ort::KernelContext ctx(raw_context);
+    auto q = ctx.GetInput(kQ), k = ctx.GetInput(kK), v = ctx.GetInput(kV);
+    const auto q_shape = q.GetTensorTypeAndShapeInfo().GetShape();
+    const auto k_shape = k.GetTensorTypeAndShapeInfo().GetShape();
+    const auto v_shape = v.GetTensorTypeAndShapeInfo().GetShape();
+    const auto dtype = q.GetTensorTypeAndShapeInfo().GetElementType();
+    Require(q_shape.size() == 4 && k_shape.size() == 4 && v_shape.size() == 4,
+            "Q, K, V must be 4-D [B, H, S, D]; got Q " + ShapeString(q_shape) + ", K " + ShapeString(k_shape) +
+                ", V " + ShapeString(v_shape));
+    Require(k.GetTensorTypeAndShapeInfo().GetElementType() == dtype &&
+                v.GetTensorTypeAndShapeInfo().GetElementType() == dtype,
+            "Q, K and V must have the same element type");
+
+    cpu::LseAttentionProblem p;
+    p.batch = q_shape[0];
+    p.q_heads = q_shape[1];
+    p.q_len = q_shape[2];
+    p.head_dim = q_shape[3];
+    p.kv_heads = k_shape[1];
+    p.kv_len = k_shape[2];
+    p.value_dim = v_shape[3];
+    Require(k_shape[0] == p.batch && v_shape[0] == p.batch, "Q, K, V batch sizes differ: Q " + ShapeString(q_shape) +
+                                                                 ", K " + ShapeString(k_shape) + ", V " + ShapeString(v_shape));
+    Require(k_shape[3] == p.head_dim, "K head dim " + std::to_string(k_shape[3]) + " != Q head dim " +
+                                          std::to_string(p.head_dim));
+    Require(p.head_dim > 0, "the head dim must be > 0");
+    Require(v_shape[1] == p.kv_heads && v_shape[2] == p.kv_len,
+            "V " + ShapeString(v_shape) + " does not match K " + ShapeString(k_shape) + " in heads or length");
+    Require(p.kv_heads > 0 && p.q_heads % p.kv_heads == 0,
+            "query heads (" + std::to_string(p.q_heads) + ") must be a multiple of kv heads (" +
+                std::to_string(p.kv_heads) + ")");
+    p.scale = std::isnan(scale_) ? 1.0f / std::sqrt(static_cast<float>(p.head_dim)) : scale_;
+    p.causal = causal_;
+    p.parallelism = cpu::ParallelismHint();
+
+    const cpu::ThreadPool pool = cpu::PoolOf(raw_context);
+    cpu::ScratchArena arena;
+    cpu::LseAttentionTensors t;
+    t.q = cpu::AsFloat32(q, arena);
+    t.k = cpu::AsFloat32(k, arena);
+    t.v = cpu::AsFloat32(v, arena);
+    if (cpu::IsPresent(ctx, kKeyPaddingMask)) {
+      auto mask = ctx.GetInput(kKeyPaddingMask);
+      const auto m_shape = mask.GetTensorTypeAndShapeInfo().GetShape();
+      Require(mask.GetTensorTypeAndShapeInfo().GetElementType() == ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL,
+              "key_padding_mask must be bool");
+      Require(m_shape.size() == 2 && m_shape[0] == p.batch && m_shape[1] == p.kv_len,
+              "key_padding_mask must be [B, Skv] = [" + std::to_string(p.batch) + ", " + std::to_string(p.kv_len) +
+                  "]; got " + ShapeString(m_shape));
+      t.key_padding_mask = mask.GetTensorData<bool>();
+    }
+    const std::vector<int64_t> state_shape = {p.batch, p.kv_heads, p.head_dim, p.value_dim + 2};
+    if (cpu::IsPresent(ctx, kPastState)) t.past_state = FullState(ctx.GetInput(kPastState), state_shape, arena);
+
+    const std::vector<int64_t> y_shape = {p.batch, p.q_heads, p.q_len, p.value_dim};
+    auto y = ctx.GetOutput(kY, y_shape);
+    const int64_t y_count = cpu::ElementCount(y_shape);
+    float* y32 = dtype == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT
+                     ? y.GetTensorMutableData<float>()
+                     : static_cast<float*>(arena.Allocate(static_cast<size_t>(y_count) * sizeof(float)));
+    t.y = y32;
+    t.present_state = ctx.GetOutput(kPresentState, state_shape).GetTensorMutableData<float>();
+    ATTNEXPORT_ISA_DISPATCH(LseAttentionForward)(p, t, pool, arena.Handle());
+    if (dtype == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) {
+      Ort::Float16_t* out = y.GetTensorMutableData<Ort::Float16_t>();
+      for (int64_t i = 0; i < y_count; ++i) out[i] = Ort::Float16_t(y32[i]);
+    }
+  }
+  ATTNEXPORT_COMPUTE_V2(kName)
+
+ private:
+  float scale_;
+  bool causal_;
+};
+
+struct LseAttentionOp : OpBase<LseAttentionOp, LseAttentionKernel> {
+  const char* GetName() const { return kName; }
+  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+  size_t GetInputTypeCount() const { return kNumInputs; }
+  ONNXTensorElementDataType GetInputType(size_t index) const {
+    return index == kKeyPaddingMask ? ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL : ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
+    return index >= kKeyPaddingMask ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  }
+  size_t GetOutputTypeCount() const { return kNumOutputs; }
+  // present_state is always float32 and always produced: an optional output of fixed type breaks ORT's
+  // type inference for nodes that leave it out (ORT 1.32), and a free type would follow Q (float16).
+  ONNXTensorElementDataType GetOutputType(size_t index) const {
+    return index == kPresentState ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  }
+  // Y = [B, Hq, Sq, Dv] of Q's type; present_state float32 [B, Hkv, Dk, ?] (the helper cannot express
+  // Dv + 2: the last dim is a fresh symbol; type_input kNumInputs does not exist, which means float32).
+  static OrtStatusPtr InferShapes(OrtShapeInferContext* ctx) {
+    if (OrtStatusPtr s = InferOutputFromInputs(ctx, kY, kQ, {{kQ, 0}, {kQ, 1}, {kQ, 2}, {kV, 3}}, kName)) return s;
+    return InferOutputFromInputs(ctx, kPresentState, kNumInputs, {{kQ, 0}, {kK, 1}, {kQ, 3}, {kNumInputs, 0}}, kName);
+  }
+};
+
+}  // namespace
+
+const OrtCustomOp* LseAttentionCpuOp() {
+  static const LseAttentionOp op;
+  return &op;
+}
+
+}  // namespace attnexport
