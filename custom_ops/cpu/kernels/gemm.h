@@ -31,9 +31,21 @@ constexpr int kRows = 6, kVecs = 2;  // 12 accumulators of 16 ymm registers (the
 constexpr int kRows = 4, kVecs = 2;  // SSE2: no FMA, a product needs a temporary register
 #endif
 
-// kScaleStreamStore: kScaleStore through streaming stores (C and ldc aligned to the vector size;
-// the caller fences with simd::StreamFence() before the result is read by another thread).
-enum Mode { kStore = 0, kAccumulate = 1, kScaleStore = 2, kScaleStreamStore = 3 };
+// Epilogues, as flags: kAccumulate adds to C instead of overwriting it, kScale multiplies row i by
+// row_scale[i], kStream writes with streaming stores (C and ldc aligned to the vector size; the
+// caller fences with simd::StreamFence() before another thread reads the result).
+enum Mode {
+  kStore = 0,
+  kAccumulate = 1,
+  kScaleStore = 2,
+  kAccumulateScaleStore = 3,
+  kScaleStreamStore = 6,
+  kAccumulateScaleStreamStore = 7,
+};
+constexpr int kScale = 2, kStream = 4;
+// Reduction block of the first product when it is long (taylor2's F = 1 + D + D(D+1)/2): the
+// matching rows of B (kBlockK x n floats) stay in L2 while every row tile uses them.
+constexpr int64_t kBlockK = 256;
 
 struct Product {
   int64_t k1 = 0;
@@ -84,7 +96,7 @@ ATTNEXPORT_INLINE void Tile(const Product& g, int64_t i0, int64_t n0, int64_t k2
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) acc[r][v] = kMode == kAccumulate ? simd::Load(c + r * g.ldc + v * kWidth) : simd::Zero();
+    for (int v = 0; v < NV; ++v) acc[r][v] = (kMode & kAccumulate) ? simd::Load(c + r * g.ldc + v * kWidth) : simd::Zero();
   }
   {
     const float* a = kKMajor ? g.a1 + i0 : g.a1 + i0 * g.lda1;
@@ -124,11 +136,11 @@ ATTNEXPORT_INLINE void Tile(const Product& g, int64_t i0, int64_t n0, int64_t k2
   }
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) {
-    if constexpr (kMode == kScaleStore || kMode == kScaleStreamStore) {
+    if constexpr ((kMode & kScale) != 0) {
       const Vec s = simd::Splat(g.row_scale[i0 + r]);
 #pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) {
-        if constexpr (kMode == kScaleStreamStore) simd::StoreStream(c + r * g.ldc + v * kWidth, acc[r][v] * s);
+        if constexpr ((kMode & kStream) != 0) simd::StoreStream(c + r * g.ldc + v * kWidth, acc[r][v] * s);
         else simd::Store(c + r * g.ldc + v * kWidth, acc[r][v] * s);
       }
     } else {
@@ -173,9 +185,8 @@ inline void Rows(const Product& g, int64_t i0, int rows, int64_t n, int64_t k2) 
   else RowsLayout<kMode, false>(g, i0, rows, n, k2);
 }
 
-// All rows [0, m), columns [0, n), both products in full.
 template <int kMode>
-inline void Run(const Product& g, int64_t m, int64_t n) {
+inline void RunFlat(const Product& g, int64_t m, int64_t n) {
   const int64_t tiles = (m + kRows - 1) / kRows;
   const PrefetchPlan first(g.prefetch, g.prefetch_bytes, tiles), second(g.prefetch2, g.prefetch2_bytes, tiles);
   for (int64_t i0 = 0, tile = 0; i0 < m; i0 += kRows, ++tile) {
@@ -183,6 +194,38 @@ inline void Run(const Product& g, int64_t m, int64_t n) {
     Rows<kMode>(g, i0, rows, n, g.k2);
     first.Part(tile);
     second.Part(tile);
+  }
+}
+
+inline void RunMode(int mode, const Product& g, int64_t m, int64_t n) {
+  switch (mode) {
+    case kStore: RunFlat<kStore>(g, m, n); break;
+    case kAccumulate: RunFlat<kAccumulate>(g, m, n); break;
+    case kScaleStore: RunFlat<kScaleStore>(g, m, n); break;
+    case kAccumulateScaleStore: RunFlat<kAccumulateScaleStore>(g, m, n); break;
+    case kScaleStreamStore: RunFlat<kScaleStreamStore>(g, m, n); break;
+    case kAccumulateScaleStreamStore: RunFlat<kAccumulateScaleStreamStore>(g, m, n); break;
+    default: break;
+  }
+}
+
+// All rows [0, m), columns [0, n), both products in full. A long first product (k1 > kBlockK, no
+// second one) is reduced in blocks of kBlockK, C accumulating between them.
+template <int kMode>
+inline void Run(const Product& g, int64_t m, int64_t n) {
+  if (g.k1 <= kBlockK || g.k2 > 0) {
+    RunFlat<kMode>(g, m, n);
+    return;
+  }
+  for (int64_t k0 = 0; k0 < g.k1; k0 += kBlockK) {
+    Product part = g;
+    part.k1 = g.k1 - k0 < kBlockK ? g.k1 - k0 : kBlockK;
+    part.a1 = g.a1 + (g.a1_kmajor ? k0 * g.lda1 : k0);
+    part.b1 = g.b1 + k0 * g.ldb1;
+    const bool first = k0 == 0, last = k0 + kBlockK >= g.k1;
+    if (!last) part.prefetch = part.prefetch2 = nullptr;
+    const int mode = (first ? (kMode & kAccumulate) : kAccumulate) | (last ? (kMode & (kScale | kStream)) : 0);
+    RunMode(mode, part, m, n);
   }
 }
 

@@ -903,10 +903,23 @@ void CausalRange(const Plan& pl, int64_t b, int64_t kvh, int64_t k_begin, int64_
       const gemm::PrefetchPlan fetch(next_rows > 0 ? next_q : nullptr, next_rows * d * static_cast<int64_t>(sizeof(float)),
                                      CeilDiv(m, gemm::kRows));
       const bool stream = direct && Streamable(yrows, dv);
+      bool carried = false;  // the state term already in C
+      if (F > gemm::kBlockK) {  // long feature vectors (taylor2): the state term first, reduced in blocks
+        gemm::Product state = yg;
+        state.k2 = 0;
+        gemm::Run<gemm::kStore>(state, m, pl.DvP);
+        yg.k1 = 0;
+        carried = true;
+      }
       for (int64_t r0 = 0, tile = 0; r0 < m; r0 += gemm::kRows, ++tile) {
         const int rows = static_cast<int>(Min(gemm::kRows, m - r0));
-        if (stream) gemm::Rows<gemm::kScaleStreamStore>(yg, r0, rows, pl.DvP, first + r0 + rows);
-        else gemm::Rows<gemm::kScaleStore>(yg, r0, rows, pl.DvP, first + r0 + rows);
+        if (carried) {
+          if (stream) gemm::Rows<gemm::kAccumulateScaleStreamStore>(yg, r0, rows, pl.DvP, first + r0 + rows);
+          else gemm::Rows<gemm::kAccumulateScaleStore>(yg, r0, rows, pl.DvP, first + r0 + rows);
+        } else {
+          if (stream) gemm::Rows<gemm::kScaleStreamStore>(yg, r0, rows, pl.DvP, first + r0 + rows);
+          else gemm::Rows<gemm::kScaleStore>(yg, r0, rows, pl.DvP, first + r0 + rows);
+        }
         fetch.Part(tile);
       }
       if (!direct) {
