@@ -59,11 +59,13 @@ class _Graph:
         self.values[name] = value
         return value
 
-    def node(self, op_type: str, inputs, attributes=None, *, domain: str = "", stem: str | None = None) -> ir.Node:
-        node = ir.node(op_type, inputs, attributes or {}, domain=domain, name=self.fresh(stem or op_type))
-        for out in node.outputs:
+    def node(self, op_type: str, inputs, attributes=None, *, domain: str = "", stem: str | None = None,
+             num_outputs: int = 1) -> ir.Node:
+        node = ir.node(op_type, inputs, attributes or {}, domain=domain, name=self.fresh(stem or op_type),
+                       num_outputs=num_outputs)
+        for index, out in enumerate(node.outputs):
             out.name = self.fresh((stem or op_type) + "_out")
-            dtype = _output_dtype(node)
+            dtype = _output_dtype(node) if index == 0 else _STATE_DTYPE.get(node.op_type)
             if dtype is not None:
                 out.dtype = dtype
             self.values[out.name] = out
@@ -86,6 +88,10 @@ _SAME_AS_FIRST_INPUT = {"Transpose", "Reshape", "Add", "Slice", "Identity", "Gat
                         "MatMul", "Range"}
 
 
+# Element type of the second output (the recurrent state) of attnexport ops that have one.
+_STATE_DTYPE = {"LseAttention": ir.DataType.FLOAT}
+
+
 def _output_dtype(node: ir.Node) -> ir.DataType | None:
     """Element type of what the rewriter's own nodes produce, so later steps (function attachment,
     shape inference) see typed values."""
@@ -105,6 +111,12 @@ def _to_bhsd(g: _Graph, operand: Operand, stem: str, source: ir.Value | None = N
     """Nodes that bring `operand` to [B, H, S, D] (see Operand for the order of the steps)."""
     value = source if source is not None else g.value(operand.value)
     nodes: list[ir.Node] = []
+    if operand.part is not None:
+        bounds = [g.initializer(f"{stem}_part_{n}", np.array([x], dtype=np.int64))
+                  for n, x in (("start", operand.part[0]), ("end", operand.part[1]), ("axis", -1))]
+        part = g.node("Slice", [value, *bounds], stem=f"{stem}_part")
+        nodes.append(part)
+        value = part.outputs[0]
     if operand.bias is not None:
         start, end = operand.bias_range
         bounds = [g.initializer(f"{stem}_bias_{n}", np.array([x], dtype=np.int64))
@@ -145,8 +157,9 @@ def _project(g: _Graph, projection: Projection, stem: str) -> tuple[list[ir.Valu
     return list(split.outputs), nodes
 
 
-def _key_padding_from_lengths(g: _Graph, lengths_name: str, k: ir.Value, stem: str) -> tuple[ir.Value, list[ir.Node]]:
-    """[B, Skv] bool: key j is real iff j < length[b] (com.microsoft end-position masks)."""
+def _key_padding_from_lengths(g: _Graph, lengths_name: str, k: ir.Value, stem: str,
+                              offset: int = 0) -> tuple[ir.Value, list[ir.Node]]:
+    """[B, Skv] bool: key j is real iff j < length[b] + offset (com.microsoft end-position masks)."""
     lengths = g.value(lengths_name)
     shape = g.node("Shape", [k], stem=f"{stem}_k_shape")
     two = g.initializer(f"{stem}_axis2", np.array(2, dtype=np.int64))
@@ -155,10 +168,17 @@ def _key_padding_from_lengths(g: _Graph, lengths_name: str, k: ir.Value, stem: s
     one = g.initializer(f"{stem}_one", np.array(1, dtype=np.int64))
     positions = g.node("Range", [zero, kv_len.outputs[0], one], stem=f"{stem}_positions")
     cast = g.node("Cast", [lengths], {"to": ir.DataType.INT64}, stem=f"{stem}_lengths")
+    nodes = [shape, kv_len, positions, cast]
+    lengths = cast.outputs[0]
+    if offset:
+        shifted = g.node("Add", [lengths, g.initializer(f"{stem}_length_offset", np.array(offset, dtype=np.int64))],
+                         stem=f"{stem}_lengths_shifted")
+        nodes.append(shifted)
+        lengths = shifted.outputs[0]
     axis1 = g.initializer(f"{stem}_axis1", np.array([1], dtype=np.int64))
-    column = g.node("Unsqueeze", [cast.outputs[0], axis1], stem=f"{stem}_lengths_column")
+    column = g.node("Unsqueeze", [lengths, axis1], stem=f"{stem}_lengths_column")
     less = g.node("Less", [positions.outputs[0], column.outputs[0]], stem=f"{stem}_key_padding_mask")
-    return less.outputs[0], [shape, kv_len, positions, cast, column, less]
+    return less.outputs[0], nodes + [column, less]
 
 
 def _from_bhsd(g: _Graph, y: ir.Value, layout: str, stem: str) -> tuple[ir.Value, list[ir.Node]]:
@@ -201,7 +221,8 @@ def _replace_site(g: _Graph, site_plan: SitePlan) -> None:
     inputs: dict[str, ir.Value | None] = {"Q": q, "K": k, "V": v}
     if site.mask.key_padding_input:
         if site.mask.key_padding_kind == "end_positions":
-            flags, nodes = _key_padding_from_lengths(g, site.mask.key_padding_input, k, stem)
+            flags, nodes = _key_padding_from_lengths(g, site.mask.key_padding_input, k, stem,
+                                                     site.mask.key_padding_offset)
         else:
             flags, nodes = g.key_padding_flags(site.mask.key_padding_input)
         inputs["key_padding_mask"] = flags
@@ -219,7 +240,10 @@ def _replace_site(g: _Graph, site_plan: SitePlan) -> None:
     ordered = [inputs.get(spec.name) for spec in schema.inputs]
     while ordered and ordered[-1] is None:
         ordered.pop()
-    op = g.node(schema.name, ordered, replacement.attributes, domain=DOMAIN, stem=f"{stem}_{schema.name}")
+    # Outputs the schema requires (LseAttention always produces present_state).
+    outputs = 1 + sum(1 for spec in schema.outputs[1:] if not spec.optional)
+    op = g.node(schema.name, ordered, replacement.attributes, domain=DOMAIN, stem=f"{stem}_{schema.name}",
+                num_outputs=outputs)
     new_nodes.append(op)
     y, nodes = _from_bhsd(g, op.outputs[0], site.output_layout, stem)
     new_nodes += nodes

@@ -35,6 +35,7 @@ class MaskInfo:
     # right-padding convention of com.microsoft ops' mask_index / key_padding_mask) for "end_positions".
     key_padding_input: str | None = None
     key_padding_kind: str = "flags"
+    key_padding_offset: int = 0  # end_positions: length = value + offset (GroupQueryAttention's seqlens_k + 1)
     # Value holding an additive bias (kind "bias"), broadcastable to [B, H, Sq, Skv].
     bias_value: str | None = None
     detail: str = ""
@@ -62,6 +63,8 @@ class Operand:
 
     value: str
     perm: tuple[int, ...] | None = None  # None: already [B, H, S, D]
+    # a slice [start, end) of the last axis is taken first (packed QKV in one input)
+    part: tuple[int, int] | None = None
     # 3-D [B, S, H*D] inputs (ONNX Attention with packed heads, com.microsoft ops) carry their head count.
     packed_heads: int | None = None
     bias: str | None = None

@@ -58,7 +58,10 @@ def find_sites(model: ir.Model, feeds: dict[str, np.ndarray] | None = None) -> l
         for i, c in enumerate(candidates):
             site = c.unprobed_site(i)
             site.replaceable = False
-            site.reason = f"not confirmed: {e}; pass real inputs with --inputs"
+            # A reason read off the structure (rotary inside the op, a KV cache, ...) says more than
+            # the failed run.
+            structural = c.structural_problem() if hasattr(c, "structural_problem") else None
+            site.reason = structural or f"not confirmed: {e}; pass real inputs with --inputs"
             sites.append(site)
         return sites
     return [c.build_site(i, base, padded) for i, c in enumerate(candidates)]

@@ -48,6 +48,9 @@ class DecomposedCandidate:
     def mask_values(self) -> list[str]:
         return [self.core.mask.name] if self.core.mask is not None else []
 
+    def structural_problem(self) -> str | None:
+        return self.core.problem or None
+
     def unprobed_site(self, index: int) -> AttentionSite:
         c = self.core
         return AttentionSite(index=index, name=site_name(c.nodes), source=self.source,

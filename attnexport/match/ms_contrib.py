@@ -217,6 +217,95 @@ class MsMultiHeadAttentionCandidate(_FusedCandidate):
         return self._finish(site, base, shapes, q.dtype)
 
 
+class MsGroupQueryAttentionCandidate(_FusedCandidate):
+    """com.microsoft GroupQueryAttention: query, key, value, past_key, past_value, seqlens_k,
+    total_sequence_length, cos_cache, sin_cache, position_ids, attention_bias, head_sink.
+
+    Always causal; seqlens_k[b] + 1 keys are real (right padding); local_window_size w lets a query see
+    the w keys ending at itself (checked against ORT's CPU kernel). Without a KV cache only: with one,
+    the op writes new keys at per-batch offsets of a shared buffer, which a plain replacement cannot
+    reproduce (a recurrent conversion can)."""
+
+    source = "com.microsoft.GroupQueryAttention"
+    MASK = 5
+    BIAS = 10
+
+    def __init__(self, node: ir.Node):
+        super().__init__(node)
+        self.kv_num_heads = _int(node, "kv_num_heads", 0)
+        self.local_window = _int(node, "local_window_size", -1)
+
+    def values_needed(self) -> list[str]:
+        n = self.node
+        names = [v.name for v in (_input(n, 0), _input(n, 1), _input(n, 2), self.mask, self.bias) if v is not None]
+        return names + [n.outputs[0].name]
+
+    def structural_problem(self) -> str | None:
+        n = self.node
+        if _input(n, 3) is not None or _input(n, 4) is not None:
+            return "the GroupQueryAttention op takes a KV cache (past_key/past_value); use a recurrent conversion"
+        if _int(n, "do_rotary", 0):
+            return "rotary embedding inside the GroupQueryAttention op (do_rotary) is not reproduced"
+        if _float(n, "softcap"):
+            return "softcap (tanh logit capping) is not reproduced by attnexport ops"
+        if _int(n, "smooth_softmax", 0) or _input(n, 11) is not None:
+            return "smooth softmax / attention sinks are not reproduced by attnexport ops"
+        for i in range(1, len(n.outputs)):
+            if n.outputs[i].uses():
+                return "the graph reads this GroupQueryAttention op's present_key/present_value or qk output"
+        if not self.num_heads or not self.kv_num_heads or self.num_heads % self.kv_num_heads:
+            return f"num_heads={self.num_heads}, kv_num_heads={self.kv_num_heads}"
+        return None
+
+    def build_site(self, index: int, base: list[ProbeRun], padded: list[ProbeRun]) -> AttentionSite:
+        n = self.node
+        site = self.unprobed_site(index)
+        problem = self.structural_problem()
+        if problem:
+            return _unresolved(site, problem)
+        run = base[0].values
+        query = run[n.inputs[0].name]
+        heads, kv_heads = self.num_heads, self.kv_num_heads
+        key, value = _input(n, 1), _input(n, 2)
+        if key is None or value is None:  # packed QKV: [B, S, (H + 2 Hkv) * D]
+            head_dim = query.shape[-1] // (heads + 2 * kv_heads)
+            q_size, kv_size = heads * head_dim, kv_heads * head_dim
+            packed = n.inputs[0].name
+            site.q = Operand(packed, packed_heads=heads, part=(0, q_size))
+            site.k = Operand(packed, packed_heads=kv_heads, part=(q_size, q_size + kv_size))
+            site.v = Operand(packed, packed_heads=kv_heads, part=(q_size + kv_size, q_size + 2 * kv_size))
+            kv_len_of = lambda r: r.values[packed].shape[1]  # noqa: E731
+        else:
+            head_dim = query.shape[-1] // heads
+            site.q = Operand(n.inputs[0].name, packed_heads=heads)
+            site.k = Operand(key.name, packed_heads=kv_heads)
+            site.v = Operand(value.name, packed_heads=kv_heads)
+            kv_len_of = lambda r: r.values[key.name].shape[1]  # noqa: E731
+        site.num_heads, site.num_kv_heads = heads, kv_heads
+        site.head_dim = site.v_head_dim = head_dim
+        site.output_layout = "bsd"
+        shapes = [(r.values[n.inputs[0].name].shape[0], heads, r.values[n.inputs[0].name].shape[1], kv_len_of(r))
+                  for r in base]
+        self.unidirectional = True
+        site = self._finish(site, base, shapes, query.dtype)
+        if not site.replaceable:
+            return site
+        if site.mask.key_padding_input is not None:
+            site.mask.key_padding_offset = 1  # seqlens_k holds the valid length minus one
+        if self.local_window > 0:
+            site.mask.window_left, site.mask.window_right = self.local_window - 1, 0
+            site.mask.causal = False
+            site.mask.kind = "window"
+            site.mask.detail = f"local_window_size={self.local_window}"
+        return site
+
+    def _mask_info(self, site, base, shapes):
+        info = super()._mask_info(site, base, shapes)
+        if isinstance(info, str) and self.mask is not None and "mask of shape" in info:
+            return f"seqlens_k of shape {list(base[0].values[self.mask.name].shape)}"
+        return info
+
+
 def find_candidates(model: ir.Model) -> list[_FusedCandidate]:
     out = []
     for node in model.graph:
@@ -226,4 +315,6 @@ def find_candidates(model: ir.Model) -> list[_FusedCandidate]:
             out.append(MsAttentionCandidate(node))
         elif node.op_type == "MultiHeadAttention":
             out.append(MsMultiHeadAttentionCandidate(node))
+        elif node.op_type == "GroupQueryAttention":
+            out.append(MsGroupQueryAttentionCandidate(node))
     return out

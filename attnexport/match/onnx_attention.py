@@ -85,7 +85,7 @@ class OnnxAttentionCandidate:
     def build_site(self, index: int, base: list[ProbeRun], padded: list[ProbeRun]) -> AttentionSite:
         site = self.unprobed_site(index)
         n = self.node
-        reason = self._structural_problem()
+        reason = self.structural_problem()
         if reason:
             return _unresolved(site, reason)
         if self.packed:
@@ -187,7 +187,7 @@ class OnnxAttentionCandidate:
             return mask & causal
         return np.where(causal, mask, -np.inf)
 
-    def _structural_problem(self) -> str | None:
+    def structural_problem(self) -> str | None:
         n = self.node
         if _input(n, PAST_KEY) is not None or _input(n, PAST_VALUE) is not None:
             return "the Attention op takes a KV cache (past_key/past_value); use a recurrent conversion"
