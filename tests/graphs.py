@@ -15,7 +15,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-LAYOUTS = ("bhsd", "bshd", "merged3d")  # how K reaches its transposed form; merged3d: [B*H, S, D] products
+# how K reaches its transposed form: as [B, H, S, D], via [B, S, H, D], via a [B*H, S, D] round trip
+# (merged3d), or with every product in 3-D [B*H, S, *] (merged_all)
+LAYOUTS = ("bhsd", "bshd", "merged3d", "merged_all")
 SCALES = ("after_mul", "after_div", "q_mul", "split_sqrt", "runtime_shape", "none")
 PRODUCTS = ("matmul", "fused_matmul", "einsum")
 MASKS = ("none", "padding_mul", "padding_where", "causal_trilu", "causal_range", "causal_const",
@@ -176,6 +178,9 @@ def _attention(b: _Builder, spec: AttentionSpec, q: str, k: str, v: str, mask_in
         q = b.op("Mul", [q, root])
         k = b.op("Mul", [k, root])
 
+    if spec.layout == "merged_all":
+        return _attention_merged(b, spec, q, k, v, scale, mask_input)
+
     # the product
     if spec.product == "einsum":
         scores = b.op("Einsum", [q, k], equation="bhqd,bhkd->bhqk")
@@ -225,6 +230,28 @@ def _attention(b: _Builder, spec: AttentionSpec, q: str, k: str, v: str, mask_in
     if spec.nan_guard:
         probs = b.op("Where", [b.op("IsNaN", [probs]), b.const(np.array(0, npdt)), probs])
     return b.op("MatMul", [probs, v], stem="attention_output")
+
+
+def _merged(b: _Builder, x: str) -> str:
+    """[B, H, S, D] → [B*H, S, D]."""
+    tail = b.op("Slice", [b.op("Shape", [x]), b.const(np.array([2], np.int64)), b.const(np.array([4], np.int64))])
+    return b.op("Reshape", [x, b.op("Concat", [b.const(np.array([-1], np.int64)), tail], axis=0)])
+
+
+def _attention_merged(b: _Builder, spec: AttentionSpec, q: str, k: str, v: str, scale: float, mask_input: str) -> str:
+    """Every product on [B*H, S, *] tensors (older exporters); masks broadcast as [1, Sq, Skv]."""
+    npdt = _np_dtype(spec)
+    shape4 = b.op("Shape", [q])
+    q3, k3, v3 = _merged(b, q), _merged(b, k), _merged(b, v)
+    scores = b.op("MatMul", [q3, b.op("Transpose", [k3], perm=[0, 2, 1])])
+    if spec.scale in ("after_mul", "runtime_shape", "after_div"):
+        scores = b.op("Mul", [scores, b.const(np.array(scale, npdt))])
+    mask = _mask(b, spec, q, k, mask_input)
+    if mask is not None:  # [Sq, Skv] patterns only (see the fuzzer's strategy)
+        scores = b.op("Add", [scores, mask])
+    probs = b.op("Softmax", [scores], axis=-1)
+    y3 = b.op("MatMul", [probs, v3], stem="attention_output")
+    return b.op("Reshape", [y3, shape4])
 
 
 def _lengths(b: _Builder, q: str, k: str):

@@ -58,11 +58,14 @@ def specs(draw) -> AttentionSpec:
     masks = [m for m in graphs.MASKS if not (cross and m.startswith(("causal", "window", "alibi")))]
     if kv_cache:
         masks = [m for m in masks if m not in ("causal_const",)]
+    layout = draw(st.sampled_from(graphs.LAYOUTS))
+    if layout == "merged_all":  # [B*H, S, S] scores take only masks that broadcast as [Sq, Skv]
+        masks = [m for m in masks if m in ("none", "causal_trilu", "causal_range", "causal_const", "window")]
     opset = draw(st.sampled_from([13, 14, 17, 18, 21, 23]))
     mask = draw(st.sampled_from([m for m in masks if not (m == "causal_trilu" and opset < 14)]))  # Trilu: opset 14
     return AttentionSpec(
         hidden=heads * head_dim, heads=heads, kv_heads=kv_heads, dtype=dtype,
-        layout=draw(st.sampled_from(graphs.LAYOUTS)), scale=draw(st.sampled_from(graphs.SCALES)),
+        layout=layout, scale=draw(st.sampled_from(graphs.SCALES)),
         product=draw(st.sampled_from(graphs.PRODUCTS)), mask=mask, gqa=gqa,
         nan_guard=draw(st.booleans()), softmax_cast=dtype == "float16" and draw(st.booleans()),
         softcap=draw(st.sampled_from([0.0, 0.0, 0.0, 20.0])), in_function=draw(st.booleans()) and draw(st.booleans()),

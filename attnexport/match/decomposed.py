@@ -26,6 +26,7 @@ class DecomposedCandidate:
 
     def __init__(self, core: CoreMatch, graph_inputs=()):
         self.core = core
+        self._heads = 0  # query heads, once resolved (3-D [B*H, S, S] scores need them)
         self.graph_inputs = list(graph_inputs)
         self.q_chain = layout.upstream_chain(core.query)
         self.k_chain = layout.upstream_chain(core.key)
@@ -64,13 +65,23 @@ class DecomposedCandidate:
             return _unresolved(site, c.problem)
         run = base[0].values
         raw = run[c.raw_scores.name]
-        if raw.ndim != 4:
-            return _unresolved(site, f"attention scores are {raw.ndim}-D; only [B, H, Sq, Skv] is handled")
-        batch, num_heads, q_len, kv_len = raw.shape
         query, key_t, value = run[c.query.name], run[c.key.name], run[c.value.name]
         rtol = 1e-3 if raw.dtype == np.float16 else 1e-5
-        q = layout.resolve(self.q_chain, run, query, expected={"B": batch, "S": q_len, "D": query.shape[-1]},
-                           transposed=False, grouped=False, num_q_heads=num_heads, rtol=rtol)
+        if raw.ndim == 4:
+            batch, num_heads, q_len, kv_len = raw.shape
+            q = layout.resolve(self.q_chain, run, query, expected={"B": batch, "S": q_len, "D": query.shape[-1]},
+                               transposed=False, grouped=False, num_q_heads=num_heads, rtol=rtol)
+        elif raw.ndim == 3:
+            # [B*H, Sq, Skv]: batch and heads are known once Q is traced to a 4-D tensor
+            q_len, kv_len = raw.shape[1:]
+            q = layout.resolve(self.q_chain, run, query, expected={"B": None, "S": q_len, "D": query.shape[-1]},
+                               transposed=False, grouped=False, num_q_heads=None, rtol=rtol)
+            if q is not None:
+                batch, num_heads = q.bhsd.shape[:2]
+                if batch * num_heads != raw.shape[0]:
+                    q = None
+        else:
+            return _unresolved(site, f"attention scores are {raw.ndim}-D")
         if q is None:
             return _unresolved(site, "could not trace Q back to a [B, H, S, D] tensor")
         k = layout.resolve(self.k_chain, run, key_t, expected={"B": batch, "S": kv_len, "D": q.bhsd.shape[-1]},
@@ -102,6 +113,7 @@ class DecomposedCandidate:
         site.k = Operand(k.link.value.name, None if k.perm == (0, 1, 2, 3) else k.perm)
         site.v = Operand(v.link.value.name, None if v.perm == (0, 1, 2, 3) else v.perm)
         site.num_heads = num_heads
+        self._heads = num_heads
         site.num_kv_heads = k.bhsd.shape[1]
         site.head_dim = head_dim
         site.v_head_dim = v.bhsd.shape[-1]
@@ -170,10 +182,13 @@ class DecomposedCandidate:
 
     def _logit_shape(self, values: dict[str, np.ndarray]) -> tuple[int, int, int, int] | None:
         raw = values.get(self.core.raw_scores.name)
-        if raw is not None and raw.ndim == 4:
+        if raw is None:
+            return None
+        if raw.ndim == 4:
             return tuple(int(d) for d in raw.shape)
-        mask = values.get(self.core.mask.name) if self.core.mask is not None else None
-        return None if mask is None else None
+        if raw.ndim == 3 and self._heads:
+            return (raw.shape[0] // self._heads, self._heads, raw.shape[1], raw.shape[2])
+        return None
 
     def _recheck(self, run, site, q, k, v) -> str | None:
         c = self.core
@@ -200,6 +215,8 @@ class DecomposedCandidate:
         """Softmax input == scale * Q Kᵀ + mask, on the probe."""
         c = self.core
         logits = run[c.logits.name].astype(np.float64)
+        if logits.ndim == 3 and logits.shape[0] == q_bhsd.shape[0] * num_heads:
+            logits = logits.reshape(q_bhsd.shape[0], num_heads, *logits.shape[1:])
         if logits.ndim != 4:
             return None
         group = num_heads // k_bhsd.shape[1]
@@ -209,7 +226,10 @@ class DecomposedCandidate:
             mask = np.asarray(run[c.mask.name])
             if mask.dtype == np.bool_:
                 return "the mask added to the logits is boolean"
-            expected = expected + np.broadcast_to(mask.astype(np.float64), expected.shape)
+            mask = mask.astype(np.float64)
+            if mask.ndim == 3 and mask.shape[0] == expected.shape[0] * expected.shape[1]:
+                mask = mask.reshape(expected.shape)
+            expected = expected + np.broadcast_to(mask, expected.shape)
         finite = np.isfinite(expected) & np.isfinite(logits) & (expected > -1e4)
         if not finite.any():
             return None
