@@ -84,7 +84,7 @@ struct LinearAttentionKernel {
     p.parallelism = cpu::ParallelismHint();
 
     const cpu::ThreadPool pool = cpu::PoolOf(raw_context);
-    cpu::ScratchArena arena;
+    cpu::ScratchArena arena(raw_context);
     cpu::LinearAttentionTensors t;
     t.q = cpu::AsFloat32(q, arena, pool);
     t.k = cpu::AsFloat32(k, arena, pool);

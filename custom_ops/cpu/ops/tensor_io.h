@@ -31,18 +31,46 @@ inline int64_t ElementCount(const std::vector<int64_t>& shape) {
   return n;
 }
 
-// Owns 64-byte aligned scratch blocks for the duration of one Compute call.
+// Owns 64-byte aligned scratch blocks for the duration of one Compute call. Constructed with the
+// kernel context, it takes them from ONNX Runtime's CPU allocator (an arena: memory is reused from
+// call to call instead of being mapped and zeroed by the OS each time); default-constructed, from
+// aligned_alloc. Allocate is not thread-safe: call it outside parallel regions.
 class ScratchArena {
  public:
   ScratchArena() = default;
+  explicit ScratchArena(OrtKernelContext* context) {
+    const OrtApi& api = Ort::GetApi();
+    OrtMemoryInfo* info = nullptr;
+    if (OrtStatus* status = api.CreateCpuMemoryInfo(OrtArenaAllocator, OrtMemTypeDefault, &info)) {
+      api.ReleaseStatus(status);
+      return;
+    }
+    if (OrtStatus* status = api.KernelContext_GetAllocator(context, info, &allocator_)) {
+      api.ReleaseStatus(status);
+      allocator_ = nullptr;
+    }
+    api.ReleaseMemoryInfo(info);
+  }
   ScratchArena(const ScratchArena&) = delete;
   ScratchArena& operator=(const ScratchArena&) = delete;
   ~ScratchArena() {
-    for (void* p : blocks_) std::free(p);
+    for (void* p : blocks_) {
+      if (allocator_) allocator_->Free(allocator_, p);
+      else std::free(p);
+    }
+    if (allocator_) Ort::GetApi().ReleaseAllocator(allocator_);
   }
   void* Allocate(size_t bytes) {
     size_t rounded = ((bytes + 63) / 64) * 64;
-    void* p = std::aligned_alloc(64, rounded ? rounded : 64);
+    if (rounded == 0) rounded = 64;
+    if (allocator_) {
+      void* raw = allocator_->Alloc(allocator_, rounded + 64);
+      if (raw == nullptr) throw std::bad_alloc();
+      blocks_.push_back(raw);
+      const uintptr_t address = reinterpret_cast<uintptr_t>(raw);
+      return reinterpret_cast<void*>((address + 63) / 64 * 64);
+    }
+    void* p = std::aligned_alloc(64, rounded);
     if (p == nullptr) throw std::bad_alloc();
     blocks_.push_back(p);
     return p;
@@ -55,6 +83,7 @@ class ScratchArena {
   }
 
  private:
+  OrtAllocator* allocator_ = nullptr;
   std::vector<void*> blocks_;
 };
 
