@@ -99,21 +99,24 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z(\"'`])")
 
 def sentences(min_chars: int = 40, max_chars: int = 400) -> list[str]:
     """English sentences of the language reference (pydoc_data.topics), in a fixed order: topics by
-    name, prose paragraphs only (code blocks, tables and short lines dropped), split at sentence ends."""
+    name, prose paragraphs only (code blocks and tables dropped; a bullet's "* " removed), split at
+    sentence ends, each sentence once (topics repeat whole sections of one another)."""
     from pydoc_data.topics import topics
 
-    out = []
+    out, seen = [], set()
     for name in sorted(topics):
         for paragraph in re.split(r"\n\s*\n", topics[name]):
             lines = [ln.strip() for ln in paragraph.splitlines()]
-            if not lines or any(ln.startswith((">>>", "...", "*", "+", "|", "=", "-")) for ln in lines):
+            if not lines or any(ln.startswith((">>>", "...", "+", "|", "=", "-")) for ln in lines):
                 continue
-            text = " ".join(ln for ln in lines if ln)
+            text = re.sub(r"^\* ", "", " ".join(ln for ln in lines if ln))
             if len(text) < min_chars or text.count(" ") < 5:
                 continue
             for sentence in _SENTENCE_END.split(text):
                 sentence = sentence.strip()
-                if min_chars <= len(sentence) <= max_chars and sentence[0].isupper() and sentence.count(" ") >= 5:
+                if (min_chars <= len(sentence) <= max_chars and sentence[0].isupper() and sentence.count(" ") >= 5
+                        and sentence not in seen):
+                    seen.add(sentence)
                     out.append(sentence)
     return out
 

@@ -13,8 +13,10 @@ skips the upper triangle; non-causal: plain exact attention). ORT's paths:
   ONNX Attention opset 25 with left/right_window_size=w (causal and not). Before timing, each is checked
   to compute what SparseAttention computes (n=300), so the comparison is like for like.
 
-Each point: one warm-up run, then the median of up to 3 timed runs (1 when a run takes > 2 s). A
-point whose predicted time (from the previous length, quadratic for ORT's paths) exceeds --skip-after
+Each point: one warm-up run, then the median of 3 timed runs (or the first run alone when it takes
+> 2 s). Time = CPU time of the process during the run / threads (ORT's idle threads sleep rather
+than spin), which is what the run takes on that many idle cores even when other jobs share the
+machine; wall time is recorded too. A point whose predicted time (from the previous length, quadratic for ORT's paths) exceeds --skip-after
 seconds is skipped and said so. Writes benchmarks/results/sparse_attention_cpu.{md,json}.
 """
 
@@ -47,6 +49,8 @@ def _session(nodes, inputs, opset: int, threads: int, library: bool) -> ort.Infe
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
+    # Idle pool threads sleep instead of spinning, so a run's CPU time is the work it did.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if library:
         options.register_custom_ops_library(attnexport.library_path())
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
@@ -144,18 +148,22 @@ def check_equivalence(paths, threads) -> dict[str, float]:
     return out
 
 
-def time_path(path, q, k, v) -> dict:
+def time_path(path, q, k, v, threads: int) -> dict:
+    """Wall time and CPU time (all threads of the process) of one session.run. "seconds" is the CPU
+    time divided by the thread count: what the run takes on `threads` otherwise idle cores, which
+    stays meaningful when other jobs share the machine (the wall time is kept too)."""
     session = path.build()
     feeds = path.feeds(q, k, v)
-    start = time.perf_counter()
-    session.run(None, feeds)  # warm-up
-    first = time.perf_counter() - start
-    runs = []
-    for _ in range(1 if first > 2.0 else 3):
-        start = time.perf_counter()
+
+    def once():
+        wall, cpu = time.perf_counter(), time.process_time()
         session.run(None, feeds)
-        runs.append(time.perf_counter() - start)
-    return {"seconds": statistics.median(runs), "runs": len(runs)}
+        return time.perf_counter() - wall, time.process_time() - cpu
+
+    first = once()  # a warm-up, or the only run when it is long (a warm-up matters little there)
+    runs = [first] if first[1] / threads > 2.0 else [once() for _ in range(3)]
+    return {"seconds": statistics.median(c for _, c in runs) / threads, "wall_seconds": statistics.median(w for w, _ in runs),
+            "cpu_seconds": statistics.median(c for _, c in runs), "runs": len(runs)}
 
 
 def main() -> None:
@@ -190,12 +198,12 @@ def main() -> None:
                     print(f"n={n} {key}: skipped (predicted {predicted:.0f} s)", flush=True)
                     continue
             if key in previous or n == lengths[0]:
-                result = time_path(p, q, k, v)
+                result = time_path(p, q, k, v, args.threads)
             else:
                 continue  # skipped at a shorter length already
             row["times"][n] = result
             previous[key] = (n, result["seconds"])
-            print(f"n={n} {key}: {result['seconds'] * 1e3:.1f} ms", flush=True)
+            print(f"n={n} {key}: {result['seconds'] * 1e3:.1f} ms (wall {result['wall_seconds'] * 1e3:.1f} ms)", flush=True)
 
     report = {
         "config": {"B": 1, "H": H, "d": D, "threads": args.threads, "lengths": lengths, "dtype": "float32",
@@ -223,7 +231,10 @@ def markdown(report) -> str:
              f"B=1, H={H}, d={D}, float32, {report['config']['threads']} threads, ONNX Runtime "
              f"{report['config']['onnxruntime']}; load average at the end "
              f"{', '.join(f'{x:.1f}' for x in report['config']['loadavg_at_end'])} (other jobs shared the machine).",
-             "", "Times in ms (median of up to 3 runs after a warm-up); — = skipped (predicted beyond the limit).", ""]
+             "", "Times in ms: CPU time of the run (all threads) / threads, i.e. the time on that many idle cores "
+             "(idle pool threads sleep, so CPU time is work); median of 3 runs after a warm-up, or one run when "
+             "it takes > 2 s. Wall times (inflated by the other jobs) are in the .json. — = skipped (predicted "
+             "beyond the limit).", ""]
     lines.append("| path | causal | " + " | ".join(f"n={n}" for n in lengths) + " |")
     lines.append("|---|---|" + "---|" * len(lengths))
     for row in rows:

@@ -77,7 +77,7 @@ def markdown(report) -> str:
     for r in report["rows"]:
         lines.append(f"| {r['window']} | {r['num_global']} | {r['mean_cosine']:.4f} | {r['min_cosine']:.4f} | "
                      f"{100 * r['top1_agreement']:.1f}% | {100 * r['top5_overlap']:.1f}% |")
-    lines += ["", "Regenerate: `python benchmarks/minilm_sparse.py` (about 10 minutes on 2 cores)."]
+    lines += ["", "Regenerate: `python benchmarks/minilm_sparse.py` (about 15 minutes on 2 cores)."]
     return "\n".join(lines) + "\n"
 
 
