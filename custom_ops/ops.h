@@ -7,11 +7,11 @@ namespace attnexport {
 // CPU kernels (cpu/ops/*.cc)
 const OrtCustomOp* LinearAttentionCpuOp();
 const OrtCustomOp* SparseAttentionCpuOp();
-const OrtCustomOp* LseAttentionCpuOp();
 
 #if defined(ATTNEXPORT_WITH_CUDA)
 // CUDA kernels (cuda/*.cu)
 const OrtCustomOp* LinearAttentionCudaOp();
+const OrtCustomOp* SparseAttentionCudaOp();
 #endif
 
 }  // namespace attnexport

@@ -12,6 +12,7 @@
 #include <type_traits>
 
 #if defined(ATTNEXPORT_CUDA_EMULATION)
+#include <atomic>
 #include <cmath>
 
 #include "cuda/emu/emulator.h"
@@ -20,6 +21,7 @@
 #define AX_HD inline
 #define AX_RESTRICT
 #define AX_LAUNCH_BOUNDS(n)
+#define AX_NOINLINE_DEVICE inline
 #else
 #include <cuda_runtime.h>
 #define AX_DEVICE __device__ __forceinline__
@@ -27,6 +29,7 @@
 #define AX_HD __host__ __device__ __forceinline__
 #define AX_RESTRICT __restrict__
 #define AX_LAUNCH_BOUNDS(n) __launch_bounds__(n)
+#define AX_NOINLINE_DEVICE __device__ __noinline__
 #endif
 
 #include <cuda_bf16.h>
@@ -105,6 +108,22 @@ AX_HD float exp_accurate(float x) {
   return std::exp(x);
 #else
   return expf(x);
+#endif
+}
+// 1-based index of the lowest set bit (0 when none), as __ffs.
+AX_DEVICE int ffs_(uint32_t x) {
+#if defined(ATTNEXPORT_CUDA_EMULATION)
+  return __builtin_ffs(static_cast<int>(x));
+#else
+  return __ffs(static_cast<int>(x));
+#endif
+}
+// *p |= bits on shared memory, atomically.
+AX_DEVICE void atomic_or_shared(uint32_t* p, uint32_t bits) {
+#if defined(ATTNEXPORT_CUDA_EMULATION)
+  std::atomic_ref<uint32_t>(*p).fetch_or(bits);
+#else
+  atomicOr(p, bits);
 #endif
 }
 AX_HD float fmax_(float a, float b) { return a > b ? a : b; }

@@ -1,33 +1,40 @@
 // A host model of the CUDA execution model, for running the attnexport kernels on a CPU in tests
 // (no GPU on the development machines). Only what cuda/common/device.cuh needs:
 //  - a grid of blocks, run one block at a time in a scrambled order (kernels must not depend on
-//    block order); each CUDA thread is a std::thread;
+//    block order); each CUDA thread of the block is a fiber (its own stack, ucontext), scheduled
+//    round-robin on the calling OS thread, switching only at barriers: deterministic, and cheap
+//    enough to run thousands of blocks in a test;
 //  - __syncthreads as a barrier of the block, warp collectives (shuffle, ldmatrix, mma.sync) as a
-//    barrier of the 32 lanes around an exchange of registers;
+//    barrier of the 32 lanes around an exchange of registers; threads that wait at barriers that
+//    can never complete (a __syncthreads in divergent code) abort the run as a deadlock;
 //  - ldmatrix and mma.sync built from the fragment tables of the PTX ISA (m8n8 b16 matrices;
 //    m16n8k16 f16/bf16 and m16n8k8 tf32 with float32 accumulators);
 //  - cp.async: the copy happens when the issuing thread waits for its group (so a read before the
 //    wait sees stale shared memory, as it may on a GPU), zero-filled when the source is invalid;
 //  - dynamic shared memory of exactly the requested size (AddressSanitizer sees overruns), filled
 //    with 0xFF bytes (NaN in every float format) so reads of unwritten shared memory show as NaN.
-// Misuse (misaligned or out-of-range shared addresses, cp.async never waited for, partial warps)
-// aborts with a message.
+// Misuse (misaligned or out-of-range shared addresses, cp.async never waited for, partial warps,
+// deadlocks) aborts with a message.
 #pragma once
 #include <algorithm>
-#include <barrier>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
-#include <thread>
+#include <csetjmp>
+#include <ucontext.h>
 #include <tuple>
 #include <utility>
 #include <vector>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/common_interface_defs.h>
+#endif
 
 namespace emu {
 
@@ -41,23 +48,17 @@ struct Dim3 {
   std::abort();
 }
 
-struct Warp {
-  std::barrier<> bar{32};
-  uint32_t slot[32][8] = {};
-  const void* addr[32] = {};
+// A barrier of cooperative fibers: the last to arrive releases the others (and goes on at once).
+struct Barrier {
+  int expected = 0;
+  int arrived = 0;
+  uint64_t generation = 0;
 };
 
-struct Block {
-  Block(int threads, size_t smem_bytes) : bar(threads), smem_size(smem_bytes) {
-    smem = static_cast<char*>(std::malloc(smem_bytes ? smem_bytes : 1));
-    std::memset(smem, 0xFF, smem_bytes);
-    for (int w = 0; w < threads / 32; ++w) warps.push_back(std::make_unique<Warp>());
-  }
-  ~Block() { std::free(smem); }
-  std::barrier<> bar;
-  char* smem;
-  size_t smem_size;
-  std::vector<std::unique_ptr<Warp>> warps;
+struct Warp {
+  Barrier bar;
+  uint32_t slot[32][8] = {};
+  const void* addr[32] = {};
 };
 
 struct PendingCopy {
@@ -66,6 +67,8 @@ struct PendingCopy {
   bool valid;
 };
 
+struct Block;
+
 struct ThreadCtx {
   int thread = 0;
   Dim3 block;
@@ -73,18 +76,103 @@ struct ThreadCtx {
   Block* blk = nullptr;
   std::vector<std::vector<PendingCopy>> groups;  // committed groups, oldest first
   std::vector<PendingCopy> open;                 // issued, not yet committed
+  // fiber: started with makecontext/setcontext, then switched with _setjmp/_longjmp (no system calls)
+  ucontext_t context;
+  jmp_buf jump;
+  char* stack = nullptr;
+  bool started = false;
+  bool finished = false;
+  void* fake_stack = nullptr;  // AddressSanitizer's per-fiber bookkeeping
+};
+
+struct Block {
+  Block(int threads, size_t smem_bytes) : smem_size(smem_bytes), threads(threads) {
+    bar.expected = threads;
+    smem = static_cast<char*>(std::malloc(smem_bytes ? smem_bytes : 1));
+    std::memset(smem, 0xFF, smem_bytes);
+    for (int w = 0; w < threads / 32; ++w) {
+      warps.push_back(std::make_unique<Warp>());
+      warps.back()->bar.expected = 32;
+    }
+  }
+  ~Block() { std::free(smem); }
+  Barrier bar;
+  char* smem;
+  size_t smem_size;
+  int threads;
+  std::vector<std::unique_ptr<Warp>> warps;
+  jmp_buf scheduler;
+  uint64_t progress = 0;  // barrier releases and thread exits
 };
 
 inline ThreadCtx*& Current() {
-  static thread_local ThreadCtx* ctx = nullptr;
+  static ThreadCtx* ctx = nullptr;
   return ctx;
 }
 inline ThreadCtx& This() { return *Current(); }
 inline Warp& ThisWarp() { return *This().blk->warps[This().thread / 32]; }
 inline int Lane() { return This().thread & 31; }
 
-inline void SyncBlock() { This().blk->bar.arrive_and_wait(); }
-inline void SyncWarp() { ThisWarp().bar.arrive_and_wait(); }
+constexpr size_t kFiberStack = 512 * 1024;
+
+// AddressSanitizer must be told about stack switches (fiber annotations); no-ops without it.
+struct MainStack {
+  const void* bottom = nullptr;
+  size_t size = 0;
+  void* fake = nullptr;
+};
+inline MainStack& Main() {
+  static MainStack m;
+  return m;
+}
+inline void AsanStartSwitch(void** fake, const void* bottom, size_t size) {
+#if defined(__SANITIZE_ADDRESS__)
+  __sanitizer_start_switch_fiber(fake, bottom, size);
+#else
+  (void)fake, (void)bottom, (void)size;
+#endif
+}
+inline void AsanFinishSwitch(void* fake, const void** old_bottom, size_t* old_size) {
+#if defined(__SANITIZE_ADDRESS__)
+  __sanitizer_finish_switch_fiber(fake, old_bottom, old_size);
+#else
+  (void)fake, (void)old_bottom, (void)old_size;
+#endif
+}
+
+// Back to the scheduler (the fiber resumes here later).
+inline void Yield() {
+  ThreadCtx& t = This();
+  if (_setjmp(t.jump) == 0) {
+    AsanStartSwitch(&t.fake_stack, Main().bottom, Main().size);
+    _longjmp(t.blk->scheduler, 1);
+  }
+  AsanFinishSwitch(t.fake_stack, &Main().bottom, &Main().size);
+}
+
+inline void Wait(Barrier& b) {
+  const uint64_t g = b.generation;
+  if (++b.arrived == b.expected) {
+    b.arrived = 0;
+    ++b.generation;
+    ++This().blk->progress;
+    return;
+  }
+  while (b.generation == g) Yield();
+}
+
+// A thread exits: it no longer counts at its barriers (as on the GPU).
+inline void Drop(Barrier& b, Block& blk) {
+  --b.expected;
+  if (b.arrived > 0 && b.arrived == b.expected) {
+    b.arrived = 0;
+    ++b.generation;
+    ++blk.progress;
+  }
+}
+
+inline void SyncBlock() { Wait(This().blk->bar); }
+inline void SyncWarp() { Wait(ThisWarp().bar); }
 
 inline void CheckShared(const void* p, size_t bytes, size_t align, const char* what) {
   const ThreadCtx& t = This();
@@ -105,9 +193,9 @@ inline uint32_t ShuffleXor(uint32_t v, int mask) {
   Warp& w = ThisWarp();
   const int lane = Lane();
   w.slot[lane][0] = v;
-  w.bar.arrive_and_wait();
+  Wait(w.bar);
   const uint32_t r = w.slot[lane ^ mask][0];
-  w.bar.arrive_and_wait();
+  Wait(w.bar);
   return r;
 }
 
@@ -123,7 +211,7 @@ inline void LdMatrix(uint32_t* r, int count, const void* row_address, bool trans
   const int lane = Lane();
   if (lane < 8 * count) CheckShared(row_address, 16, 16, "ldmatrix");
   w.addr[lane] = row_address;
-  w.bar.arrive_and_wait();
+  Wait(w.bar);
   for (int m = 0; m < count; ++m) {
     uint16_t lo, hi;
     if (!trans) {  // row lane/4, columns 2(lane%4), +1
@@ -136,7 +224,7 @@ inline void LdMatrix(uint32_t* r, int count, const void* row_address, bool trans
     }
     r[m] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
   }
-  w.bar.arrive_and_wait();
+  Wait(w.bar);
 }
 
 inline float B16ToFloat(uint16_t bits, bool bf16) {
@@ -169,7 +257,7 @@ inline void Mma16816(float* d, const uint32_t* a, const uint32_t* b, bool bf16) 
   const int lane = Lane();
   for (int i = 0; i < 4; ++i) w.slot[lane][i] = a[i];
   for (int i = 0; i < 2; ++i) w.slot[lane][4 + i] = b[i];
-  w.bar.arrive_and_wait();
+  Wait(w.bar);
   float A[16][16], B[16][8];
   for (int l = 0; l < 32; ++l) {
     const int g = l / 4, t = l % 4;
@@ -189,7 +277,7 @@ inline void Mma16816(float* d, const uint32_t* a, const uint32_t* b, bool bf16) 
     B[2 * t + 8][g] = lo(s[5]);
     B[2 * t + 9][g] = hi(s[5]);
   }
-  w.bar.arrive_and_wait();
+  Wait(w.bar);
   const int g = lane / 4, t = lane % 4;
   const int rows[4] = {g, g, g + 8, g + 8}, cols[4] = {2 * t, 2 * t + 1, 2 * t, 2 * t + 1};
   for (int i = 0; i < 4; ++i) {
@@ -205,7 +293,7 @@ inline void Mma1688Tf32(float* d, const uint32_t* a, const uint32_t* b) {
   const int lane = Lane();
   for (int i = 0; i < 4; ++i) w.slot[lane][i] = a[i];
   for (int i = 0; i < 2; ++i) w.slot[lane][4 + i] = b[i];
-  w.bar.arrive_and_wait();
+  Wait(w.bar);
   float A[16][8], B[8][8];
   auto tf = [](uint32_t v) { return BitsToFloat(v & 0xFFFFE000u); };
   for (int l = 0; l < 32; ++l) {
@@ -218,7 +306,7 @@ inline void Mma1688Tf32(float* d, const uint32_t* a, const uint32_t* b) {
     B[t][g] = tf(s[4]);
     B[t + 4][g] = tf(s[5]);
   }
-  w.bar.arrive_and_wait();
+  Wait(w.bar);
   const int g = lane / 4, t = lane % 4;
   const int rows[4] = {g, g, g + 8, g + 8}, cols[4] = {2 * t, 2 * t + 1, 2 * t, 2 * t + 1};
   for (int i = 0; i < 4; ++i) {
@@ -261,6 +349,27 @@ inline LaunchStats& Stats() {
   return s;
 }
 
+template <typename F>
+struct FiberEntry {
+  static F*& Body() {
+    static F* body = nullptr;
+    return body;
+  }
+  static void Run() {
+    ThreadCtx& t = This();
+    AsanFinishSwitch(nullptr, &Main().bottom, &Main().size);
+    (*Body())();
+    if (!t.open.empty() || !t.groups.empty()) Fail("a thread exited with cp.async copies it never waited for");
+    Block& blk = *t.blk;
+    Drop(blk.warps[t.thread / 32]->bar, blk);
+    Drop(blk.bar, blk);
+    t.finished = true;
+    ++blk.progress;
+    AsanStartSwitch(nullptr, Main().bottom, Main().size);  // this fiber's stack is done
+    _longjmp(blk.scheduler, 2);
+  }
+};
+
 // Runs kernel(args...) over the grid; blocks one at a time in a scrambled order.
 template <typename... Params, typename... Args>
 void Launch(Dim3 grid, int threads, size_t smem_bytes, void (*kernel)(Params...), Args&&... args) {
@@ -268,9 +377,14 @@ void Launch(Dim3 grid, int threads, size_t smem_bytes, void (*kernel)(Params...)
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) Fail("launch: empty grid");
   if (grid.y > 65535 || grid.z > 65535) Fail("launch: grid.y / grid.z above 65535");
   std::tuple<Params...> params(std::forward<Args>(args)...);
+  auto body = [&] { std::apply(kernel, params); };
+  using Entry = FiberEntry<decltype(body)>;
+  Entry::Body() = &body;
   const long total = static_cast<long>(grid.x) * grid.y * grid.z;
   Stats().launches += 1;
   Stats().blocks += total;
+  std::vector<ThreadCtx> ctx(threads);
+  for (ThreadCtx& t : ctx) t.stack = static_cast<char*>(std::malloc(kFiberStack));
   // A fixed permutation of the blocks: stride coprime with the count.
   long stride = total > 2 ? total / 2 + 1 : 1;
   while (total > 1 && std::__gcd(stride, total) != 1) ++stride;
@@ -281,26 +395,46 @@ void Launch(Dim3 grid, int threads, size_t smem_bytes, void (*kernel)(Params...)
     b.y = static_cast<unsigned>((id / grid.x) % grid.y);
     b.z = static_cast<unsigned>(id / (static_cast<long>(grid.x) * grid.y));
     Block block(threads, smem_bytes);
-    std::vector<std::thread> pool;
-    pool.reserve(threads);
     for (int t = 0; t < threads; ++t) {
-      pool.emplace_back([&, t] {
-        ThreadCtx ctx;
-        ctx.thread = t;
-        ctx.block = b;
-        ctx.smem = block.smem;
-        ctx.blk = &block;
-        Current() = &ctx;
-        std::apply(kernel, params);
-        if (!ctx.open.empty() || !ctx.groups.empty()) Fail("a thread exited with cp.async copies it never waited for");
-        // An exited thread no longer counts at barriers (as on the GPU).
-        block.warps[t / 32]->bar.arrive_and_drop();
-        block.bar.arrive_and_drop();
-        Current() = nullptr;
-      });
+      ThreadCtx& c = ctx[t];
+      c.thread = t;
+      c.block = b;
+      c.smem = block.smem;
+      c.blk = &block;
+      c.groups.clear();
+      c.open.clear();
+      c.finished = false;
+      c.started = false;
+      getcontext(&c.context);
+      c.context.uc_stack.ss_sp = c.stack;
+      c.context.uc_stack.ss_size = kFiberStack;
+      c.context.uc_link = nullptr;
+      makecontext(&c.context, &Entry::Run, 0);
     }
-    for (std::thread& th : pool) th.join();
+    int running = threads;
+    while (running > 0) {
+      const uint64_t before = block.progress;
+      for (int t = 0; t < threads; ++t) {
+        if (ctx[t].finished) continue;
+        Current() = &ctx[t];
+        if (_setjmp(block.scheduler) == 0) {
+          AsanStartSwitch(&Main().fake, ctx[t].stack, kFiberStack);
+          if (!ctx[t].started) {
+            ctx[t].started = true;
+            setcontext(&ctx[t].context);
+          }
+          _longjmp(ctx[t].jump, 1);
+        }
+        AsanFinishSwitch(Main().fake, nullptr, nullptr);
+        Current() = nullptr;
+        if (ctx[t].finished) --running;
+      }
+      if (running > 0 && block.progress == before) {
+        Fail("deadlock: the block's threads wait at barriers that cannot complete (a barrier in divergent code?)");
+      }
+    }
   }
+  for (ThreadCtx& t : ctx) std::free(t.stack);
 }
 
 }  // namespace emu

@@ -15,6 +15,7 @@
 
 #include "cuda/emu/emulator.h"
 #include "cuda/kernels/linear_attention_run.h"
+#include "cuda/kernels/sparse_attention_run.h"
 
 namespace {
 
@@ -53,7 +54,7 @@ std::vector<char> ReadFile(const std::string& path, size_t expected) {
 // An exactly sized heap copy (AddressSanitizer then sees any read past the end).
 void* HeapCopy(const std::vector<char>& data) {
   void* p = std::malloc(data.size() ? data.size() : 1);
-  std::memcpy(p, data.data(), data.size());
+  if (!data.empty()) std::memcpy(p, data.data(), data.size());
   return p;
 }
 
@@ -125,6 +126,82 @@ int RunLinear(const std::string& dir, std::map<std::string, std::string>& kv) {
   return 0;
 }
 
+int RunSparse(const std::string& dir, std::map<std::string, std::string>& kv) {
+  namespace sp = attnexport::cuda::sp;
+  auto I = [&](const char* k) { return std::stoll(kv.at(k)); };
+  sp::Problem p;
+  p.dtype = ParseDType(kv.at("dtype"));
+  p.batch = I("B");
+  p.q_heads = I("Hq");
+  p.kv_heads = I("Hkv");
+  p.q_len = I("Sq");
+  p.kv_len = I("Skv");
+  p.head_dim = I("Dk");
+  p.value_dim = I("Dv");
+  p.scale = std::stof(kv.at("scale"));
+  p.causal = I("causal") != 0;
+  p.window_left = I("window_left");
+  p.window_right = I("window_right");
+  p.dilation = I("dilation");
+  p.num_global = I("num_global");
+  p.block_size = I("block_size");
+  p.num_random_blocks = I("num_random_blocks");
+  p.seed = I("seed");
+  p.force_simt = kv.count("simt") && I("simt") != 0;
+  DeviceInfo dev;
+  dev.sm_count = 4;
+  dev.max_smem_per_block = 227 * 1024;
+  const size_t es = p.dtype == DType::kFloat32 ? 4 : 2;
+  const size_t nq = p.batch * p.q_heads * p.q_len * p.head_dim, nk = p.batch * p.kv_heads * p.kv_len * p.head_dim;
+  const size_t nv = p.batch * p.kv_heads * p.kv_len * p.value_dim, ny = p.batch * p.q_heads * p.q_len * p.value_dim;
+  sp::Buffers buf;
+  buf.q = HeapCopy(ReadFile(dir + "/q.bin", nq * es));
+  buf.k = HeapCopy(ReadFile(dir + "/k.bin", nk * es));
+  buf.v = HeapCopy(ReadFile(dir + "/v.bin", nv * es));
+  if (I("mask")) buf.mask = static_cast<const bool*>(HeapCopy(ReadFile(dir + "/mask.bin", p.batch * p.kv_len)));
+  if (kv.count("bias_shape")) {  // e.g. 4x1x7: right-aligned, broadcast to [B, Hq, Sq, Skv]
+    std::vector<int64_t> shape;
+    std::string rest = kv.at("bias_shape");
+    for (size_t x; (x = rest.find('x')) != std::string::npos; rest = rest.substr(x + 1)) shape.push_back(std::stoll(rest.substr(0, x)));
+    shape.push_back(std::stoll(rest));
+    int64_t stride = 1;
+    for (int axis = 3; axis >= 0; --axis) {
+      const int k = axis - (4 - static_cast<int>(shape.size()));
+      const int64_t dim = k >= 0 ? shape[k] : 1;
+      p.bias_stride[axis] = dim == 1 ? 0 : stride;
+      stride *= dim;
+    }
+    buf.bias = HeapCopy(ReadFile(dir + "/bias.bin", static_cast<size_t>(stride) * es));
+  }
+  buf.y = std::malloc(ny * es ? ny * es : 1);
+  std::memset(buf.y, 0xFF, ny * es);
+  sp::Plan plan;
+  std::string why = sp::MakePlan(p, dev, &plan);
+  if (!why.empty()) {
+    std::printf("error=%s\n", why.c_str());
+    return 3;
+  }
+  EmuRuntime rt;
+  why = sp::Run(rt, p, buf, dev);
+  if (!why.empty()) {
+    std::printf("error=%s\n", why.c_str());
+    return 3;
+  }
+  std::ofstream out(dir + "/y.bin", std::ios::binary);
+  out.write(static_cast<const char*>(buf.y), static_cast<std::streamsize>(ny * es));
+  std::printf("path=%s dim=%d q_tiles=%d key_tiles=%d launches=", plan.path == sp::Path::kMma ? "mma" : "simt",
+              plan.dim, plan.q_tiles, plan.key_tiles);
+  for (size_t i = 0; i < rt.launched.size(); ++i) std::printf("%s%s", i ? "," : "", rt.launched[i].c_str());
+  std::printf(" blocks=%ld\n", emu::Stats().blocks);
+  std::free(const_cast<void*>(buf.q));
+  std::free(const_cast<void*>(buf.k));
+  std::free(const_cast<void*>(buf.v));
+  std::free(const_cast<bool*>(buf.mask));
+  std::free(const_cast<void*>(buf.bias));
+  std::free(buf.y);
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -145,6 +222,7 @@ int main(int argc, char** argv) {
   }
   try {
     if (op == "linear") return RunLinear(dir, kv);
+    if (op == "sparse") return RunSparse(dir, kv);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "runner: %s\n", e.what());
     return 2;

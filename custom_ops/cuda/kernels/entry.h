@@ -4,6 +4,7 @@
 #include <string>
 
 #include "cuda/kernels/linear_attention.h"
+#include "cuda/kernels/sparse_attention.h"
 
 namespace attnexport::cuda {
 
@@ -17,5 +18,9 @@ std::string SetDevice(int device);
 // the launches on `stream` (a cudaStream_t). Returns "" or the reason.
 std::string LinearAttentionCuda(const la::Problem& p, const la::Buffers& buffers, void* workspace,
                                 size_t workspace_bytes, void* stream, const DeviceInfo& device);
+
+// SparseAttention (no workspace): launches on `stream`; "" or the reason.
+std::string SparseAttentionCuda(const sp::Problem& p, const sp::Buffers& buffers, void* stream,
+                                const DeviceInfo& device);
 
 }  // namespace attnexport::cuda

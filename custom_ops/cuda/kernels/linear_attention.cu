@@ -1,6 +1,7 @@
 // LinearAttention kernels compiled for the GPU; linear_attention_run.h instantiates the kernels
 // (mma: float16/bfloat16 x dk 64/128; simt: float32/float16/bfloat16).
 #include "cuda/kernels/entry.h"
+#include "cuda/kernels/linear_attention_run.h"
 #include "cuda/kernels/runtime.cuh"
 
 namespace attnexport::cuda {

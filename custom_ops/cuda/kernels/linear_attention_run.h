@@ -7,15 +7,11 @@
 #include <cmath>
 #include <string>
 
+#include "cuda/kernels/grid.h"
 #include "cuda/kernels/linear_attention.h"
 #include "cuda/kernels/linear_attention_kernels.cuh"
 
 namespace attnexport::cuda {
-
-struct Grid {
-  unsigned x = 1, y = 1, z = 1;
-};
-
 namespace la {
 
 inline size_t ElementSize(DType t) { return t == DType::kFloat32 ? 4 : 2; }

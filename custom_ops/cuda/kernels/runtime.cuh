@@ -6,7 +6,7 @@
 #include <string>
 #include <utility>
 
-#include "cuda/kernels/linear_attention_run.h"
+#include "cuda/kernels/grid.h"
 
 namespace attnexport::cuda {
 
