@@ -7,6 +7,7 @@ namespace attnexport {
 // CPU kernels (cpu/ops/*.cc)
 const OrtCustomOp* LinearAttentionCpuOp();
 const OrtCustomOp* SparseAttentionCpuOp();
+const OrtCustomOp* LseAttentionCpuOp();
 
 #if defined(ATTNEXPORT_WITH_CUDA)
 // CUDA kernels (cuda/*.cu)

@@ -21,6 +21,7 @@ void CreateDomain() {
   std::vector<const OrtCustomOp*> ops = {
       attnexport::LinearAttentionCpuOp(),
       attnexport::SparseAttentionCpuOp(),
+      attnexport::LseAttentionCpuOp(),
 #if defined(ATTNEXPORT_WITH_CUDA)
       attnexport::LinearAttentionCudaOp(),
       attnexport::SparseAttentionCudaOp(),
