@@ -52,11 +52,15 @@ def default_output_path(input_path: str | Path, method: str) -> Path:
 def convert(model_path: str | Path, output_path: str | Path | None = None, *, method: str = "linear",
             options: MethodOptions | None = None, layers: str | None = None, min_seq_len: int | None = None,
             feeds: dict[str, np.ndarray] | None = None, dry_run: bool = False,
-            progress: Progress | None = None) -> ConvertResult:
+            progress: Progress | None = None, recurrent: bool = False) -> ConvertResult:
     """Replace the model's softmax attention by `method`; write the result atomically next to (never
-    over) the input. Raises NoAttentionError (and writes nothing) when no site can be replaced."""
+    over) the input. Raises NoAttentionError (and writes nothing) when no site can be replaced.
+
+    recurrent: the model is a decoder exported with its KV cache; every cached site reads a fixed-size
+    state instead (inputs past_state.<l>, outputs present_state.<l>; see attnexport.recurrent)."""
     say = progress or (lambda _: None)
-    output = Path(output_path) if output_path is not None else default_output_path(model_path, method)
+    suffix = f"{method}-recurrent" if recurrent else method
+    output = Path(output_path) if output_path is not None else default_output_path(model_path, suffix)
     if not dry_run:
         output = model_io.check_output_path(model_path, output)
     say("loading the model")
@@ -74,8 +78,13 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, me
     if dry_run:
         return ConvertResult(str(model_path), None, plan, sites)
     say(f"replacing {len(plan.selected)} of {len(sites)} sites")
-    rewrite.apply(model, plan)
-    if _signature(model) != signature:
+    if recurrent:
+        from attnexport import recurrent as recurrent_rewrite
+
+        recurrent_rewrite.apply(model, plan)  # changes the signature by design: cache -> state
+    else:
+        rewrite.apply(model, plan)
+    if not recurrent and _signature(model) != signature:
         raise AttnExportError("internal error: the rewrite changed the graph's inputs or outputs; nothing written")
     say("checking and writing")
     model_io.save_atomic(model, output, validate=lambda path: _check_model_file(path, model_path))

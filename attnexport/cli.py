@@ -127,10 +127,13 @@ def inspect(model, inputs_path, as_json):
 @click.option("--min-seq-len", type=int, help="Keep sites whose static sequence length is shorter.")
 @click.option("--inputs", "inputs_path", type=click.Path(exists=True, dir_okay=False),
               help="Probe with these inputs (.npz) instead of synthesised ones.")
+@click.option("--recurrent", is_flag=True,
+              help="MODEL is a decoder exported with its KV cache: replace each layer's cache inputs/outputs by "
+                   "a fixed-size state (past_state.<l> / present_state.<l>); --method lse or linear.")
 @click.option("--dry-run", is_flag=True, help="Print the plan; write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def convert(model, output, method, feature_map, expansion_point, num_features, seed, eps, window, dilation, num_global,
-            random_blocks, block_size, causal_only, layers, min_seq_len, inputs_path, dry_run, as_json):
+            random_blocks, block_size, causal_only, layers, min_seq_len, inputs_path, recurrent, dry_run, as_json):
     """Replace the softmax attention of MODEL and write the converted model."""
     from attnexport.api import convert as run_convert
     from attnexport.methods import MethodOptions
@@ -144,7 +147,7 @@ def convert(model, output, method, feature_map, expansion_point, num_features, s
         status.start()
     try:
         result = run_convert(model, output, method=method, options=options, layers=layers, min_seq_len=min_seq_len,
-                             feeds=_feeds(inputs_path), dry_run=dry_run,
+                             feeds=_feeds(inputs_path), dry_run=dry_run, recurrent=recurrent,
                              progress=(lambda text: status.update(text)) if status else None)
     finally:
         if status:

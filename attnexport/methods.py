@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from attnexport.errors import UnsupportedError
-from attnexport.ops.schema import LINEAR_ATTENTION, SPARSE_ATTENTION, OpSchema
+from attnexport.ops.schema import LINEAR_ATTENTION, LSE_ATTENTION, SPARSE_ATTENTION, OpSchema
 from attnexport.sites import (
     MASK_BIAS,
     MASK_CAUSAL,
@@ -192,7 +192,28 @@ def favor_projection(head_dim: int, num_features: int, *, seed: int) -> np.ndarr
     return np.ascontiguousarray((directions * norms).T.astype(np.float32))
 
 
-METHODS: dict[str, Method] = {m.name: m for m in (LinearMethod(), SparseMethod())}
+class LseMethod(Method):
+    """LseAttention (Heinsen 2024): logits log Σ_d exp(q̃_d + k̃_d) with q̃ = √scale·q, k̃ = √scale·k (the
+    site's scale); linear time, and a fixed-size state per kv head when causal (--recurrent)."""
+
+    name = "lse"
+
+    def unsupported(self, site: AttentionSite) -> str | None:
+        kind = site.mask.kind
+        if kind in (MASK_NONE, MASK_CAUSAL, MASK_KEY_PADDING, MASK_CAUSAL_KEY_PADDING):
+            return None
+        if kind == MASK_BIAS:
+            return "the logits carry an additive position bias, which LseAttention cannot add (use --method sparse)"
+        if kind == MASK_WINDOW:
+            return "the mask is a sliding window, which LseAttention cannot restrict to (use --method sparse)"
+        return f"unsupported mask: {site.mask.detail or kind}"
+
+    def replacement(self, site: AttentionSite, options: MethodOptions) -> Replacement:
+        attributes = LSE_ATTENTION.complete_attributes(scale=site.scale, causal=int(site.mask.causal))
+        return Replacement(LSE_ATTENTION, attributes, {}, exact=False)
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (LinearMethod(), SparseMethod(), LseMethod())}
 
 
 def get_method(name: str) -> Method:

@@ -98,11 +98,11 @@ struct LseAttentionKernel {
     p.parallelism = cpu::ParallelismHint();
 
     const cpu::ThreadPool pool = cpu::PoolOf(raw_context);
-    cpu::ScratchArena arena;
+    cpu::ScratchArena arena(raw_context);
     cpu::LseAttentionTensors t;
-    t.q = cpu::AsFloat32(q, arena);
-    t.k = cpu::AsFloat32(k, arena);
-    t.v = cpu::AsFloat32(v, arena);
+    t.q = cpu::AsFloat32(q, arena, pool);
+    t.k = cpu::AsFloat32(k, arena, pool);
+    t.v = cpu::AsFloat32(v, arena, pool);
     if (cpu::IsPresent(ctx, kKeyPaddingMask)) {
       auto mask = ctx.GetInput(kKeyPaddingMask);
       const auto m_shape = mask.GetTensorTypeAndShapeInfo().GetShape();
@@ -126,8 +126,8 @@ struct LseAttentionKernel {
     t.present_state = ctx.GetOutput(kPresentState, state_shape).GetTensorMutableData<float>();
     ATTNEXPORT_ISA_DISPATCH(LseAttentionForward)(p, t, pool, arena.Handle());
     if (dtype == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) {
-      Ort::Float16_t* out = y.GetTensorMutableData<Ort::Float16_t>();
-      for (int64_t i = 0; i < y_count; ++i) out[i] = Ort::Float16_t(y32[i]);
+      uint16_t* out = reinterpret_cast<uint16_t*>(y.GetTensorMutableData<Ort::Float16_t>());
+      cpu::ConvertFloatToHalf(y32, out, static_cast<size_t>(y_count), pool);
     }
   }
   ATTNEXPORT_COMPUTE_V2(kName)

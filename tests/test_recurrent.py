@@ -1,0 +1,122 @@
+"""convert --recurrent: decoders exported with their KV cache (transformers GPT-2 and LLaMA with grouped
+KV heads, random weights) become models with a fixed-size state per layer, and running them token by
+token (carrying the state) gives what the non-recurrent converted model gives on the whole sequence.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from attnexport import api, decoders
+from attnexport.cli import main
+from attnexport.errors import AttnExportError
+from attnexport.recurrent import METADATA_RECURRENT
+from ortutil import session
+
+# (architecture, exporter): GPT-2 by dynamo (the graph reads the past length off the cache's shape),
+# LLaMA (8 query heads on 2 kv heads) by TorchScript (its reshapes read the cache's shape through the
+# grouped-head expansion).
+SUBJECTS = [("gpt2", "dynamo18"), ("llama", "torchscript17")]
+
+
+@pytest.fixture(scope="module")
+def cached_decoder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("kv")
+    made: dict[tuple[str, str], str] = {}
+
+    def get(arch: str, exporter: str) -> str:
+        if (arch, exporter) not in made:
+            made[(arch, exporter)] = decoders.export(arch, exporter, root / f"{arch}_{exporter}.onnx",
+                                                     lm_head=arch == "gpt2")
+        return made[(arch, exporter)]
+
+    return get
+
+
+def zeros_for(sess, batch: int) -> dict[str, np.ndarray]:
+    """Empty past caches (length 0) for the non-recurrent model."""
+    feeds = {}
+    for spec in sess.get_inputs():
+        if spec.name.startswith("past_key_values"):
+            feeds[spec.name] = np.zeros([batch, spec.shape[1], 0, spec.shape[3]], np.float32)
+    return feeds
+
+
+def run_recurrent(sess, ids: np.ndarray, mask: np.ndarray, sizes: list[int]) -> np.ndarray:
+    """Feeds the tokens in chunks of `sizes`, each call with the mask over everything so far and the
+    previous call's present_state.<l> as past_state.<l> (zeros first)."""
+    batch = ids.shape[0]
+    states = {s.name: np.zeros([batch] + list(s.shape[1:]), np.float32)
+              for s in sess.get_inputs() if s.name.startswith("past_state.")}
+    names = [o.name for o in sess.get_outputs()]
+    outputs, start = [], 0
+    for size in sizes:
+        feeds = {"input_ids": ids[:, start:start + size], "attention_mask": mask[:, :start + size], **states}
+        results = sess.run(None, feeds)
+        outputs.append(results[0])
+        states = {n.replace("present_state.", "past_state."): r for n, r in zip(names, results)
+                  if n.startswith("present_state.")}
+        start += size
+    return np.concatenate(outputs, axis=1)
+
+
+@pytest.mark.parametrize("arch, exporter", SUBJECTS)
+def test_recurrent_decoding_matches_the_whole_sequence(arch, exporter, cached_decoder, tmp_path, op_library):
+    source = cached_decoder(arch, exporter)
+    whole = api.convert(source, tmp_path / "whole.onnx", method="lse")
+    recurrent = api.convert(source, tmp_path / "recurrent.onnx", method="lse", recurrent=True)
+    assert recurrent.replaced == whole.replaced == 2
+
+    model = onnx.load(recurrent.output_path, load_external_data=False)
+    names_in = [i.name for i in model.graph.input]
+    names_out = [o.name for o in model.graph.output]
+    assert not any(n.startswith("past_key_values") for n in names_in)
+    assert not any(n.startswith("present.") for n in names_out)
+    assert [n for n in names_in if n.startswith("past_state.")] == ["past_state.0", "past_state.1"]
+    assert [n for n in names_out if n.startswith("present_state.")] == ["present_state.0", "present_state.1"]
+    meta = json.loads({p.key: p.value for p in model.metadata_props}[METADATA_RECURRENT])
+    assert meta["layers"][0]["replaces_inputs"] == ["past_key_values.0.key", "past_key_values.0.value"]
+    assert meta["layers"][0]["replaces_outputs"] == ["present.0.key", "present.0.value"]
+    spec = decoders.describe(arch)
+    state = next(i for i in model.graph.input if i.name == "past_state.0")
+    assert [d.dim_value for d in state.type.tensor_type.shape.dim][1:] == [spec.num_kv_heads, spec.head_dim,
+                                                                          spec.head_dim + 2]
+
+    batch, n = 2, 13
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, spec.vocab, (batch, n)).astype(np.int64)
+    mask = np.ones((batch, n), np.int64)
+    mask[1, :3] = 0  # left padding in the second sequence
+    for with_library in (True, False):
+        whole_sess = session(whole.output_path, with_library=with_library)
+        expected = whole_sess.run(None, {"input_ids": ids, "attention_mask": mask, **zeros_for(whole_sess, batch)})[0]
+        rec_sess = session(recurrent.output_path, with_library=with_library)
+        for sizes in ([n], [5, 1, 1, 1, 3, 1, 1], [1] * n):
+            got = run_recurrent(rec_sess, ids, mask, sizes)
+            real = mask.astype(bool)  # padded positions' outputs are meaningless in both
+            err = float(np.abs(got - expected)[real].max())
+            assert err <= 2e-5 * max(1.0, float(np.abs(expected).max())), (with_library, sizes, err)
+
+
+def test_cli_recurrent_and_the_one_line_errors(cached_decoder, zoo_model, tmp_path, op_library):
+    source = cached_decoder("gpt2", "dynamo18")
+    runner = CliRunner()
+    out = tmp_path / "rec.onnx"
+    result = runner.invoke(main, ["convert", source, "-o", str(out), "--method", "lse", "--recurrent"])
+    assert result.exit_code == 0, result.output
+    assert out.exists()
+    # A model without a KV cache: one line, nothing written.
+    plain = zoo_model("gpt2", "dynamo18")
+    bad = tmp_path / "bad.onnx"
+    result = runner.invoke(main, ["convert", plain, "-o", str(bad), "--method", "lse", "--recurrent"])
+    assert result.exit_code != 0
+    assert "--recurrent" in result.output and "KV cache" in result.output
+    assert not bad.exists()
+    # A method without a state: refused.
+    with pytest.raises(AttnExportError, match="state"):
+        api.convert(source, tmp_path / "sparse.onnx", method="sparse", recurrent=True)
