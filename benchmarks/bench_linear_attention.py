@@ -258,6 +258,7 @@ def time_point(path: Path_, n: int, qkv, threads: int, repeats: int, budget: flo
     gc.collect()
     point = {"warmup_s": warm, "times_s": times, "rss_growth_bytes": grown}
     point["median_s"] = statistics.median(times) if times else warm
+    point["min_s"] = min(times) if times else warm
     point["note"] = "" if times else "one run (the warm-up)"
     return point
 
@@ -462,9 +463,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--budget", type=float, default=20.0, help="seconds of timed runs per point (default 20)")
     parser.add_argument("--skip-after", type=float, default=20.0,
                         help="do not run a path at larger n once a run takes (or would take) this long (default 20)")
-    parser.add_argument("--out", type=Path, default=RESULTS / "linear_attention_cpu",
-                        help="output stem: writes .md, .json and .png (default benchmarks/results/linear_attention_cpu)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output stem: writes .md, .json and .png (default benchmarks/results/linear_attention_cpu, "
+                             "with --quick ..._quick)")
     args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = RESULTS / ("linear_attention_cpu_quick" if args.quick else "linear_attention_cpu")
     lengths = args.lengths or (QUICK_LENGTHS if args.quick else LENGTHS)
     repeats = 2 if args.quick else args.repeats
     command = "python benchmarks/bench_linear_attention.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -493,7 +497,6 @@ def main(argv: list[str] | None = None) -> None:
             point = time_point(p, n, qkv, args.threads, repeats, args.budget)
             points[str(n)][p.name] = point
             print(f"n={n:>6} {p.name:<40} {point['median_s'] * 1e3:10.2f} ms {point['note']}", flush=True)
-            growth = 4.0 if p.quadratic else 2.0
             if n != lengths[-1]:
                 nxt = lengths[lengths.index(n) + 1]
                 scale = (nxt / n) ** (2 if p.quadratic else 1)
@@ -503,7 +506,7 @@ def main(argv: list[str] | None = None) -> None:
                     p.skipped_from = nxt
                     p.skip_reason = (f"predicted {point['median_s'] * scale:.0f} s at n={nxt} "
                                      f"({'quadratic' if p.quadratic else 'linear'} from n={n}) > {args.skip_after:g} s")
-                elif point["rss_growth_bytes"] * growth * (nxt / n) / 2 > available_bytes() / 2:
+                elif point["rss_growth_bytes"] * scale > available_bytes() / 2:
                     p.skipped_from = nxt
                     p.skip_reason = f"predicted memory at n={nxt} exceeds half of the available memory"
         del qkv

@@ -22,8 +22,10 @@
 // f is divided by e^{m_f}, m_f the running maximum over the keys of log φ(k̃)_f (one shift per
 // (batch, kv head, feature)), and query row i's features, multiplied by e^{m_f}, are divided by
 // their largest, e^{s_i}. So φ'(q̃_i)·φ'(k̃_j) = A_ij e^{-s_i}, eps is multiplied by e^{-s_i} and the
-// ratio is the exact one; every row's largest weight is >= 1/F (the key that sets m_f for the
-// row's top feature), so nothing a row depends on underflows and large inputs stay finite.
+// ratio is the exact one; every row's largest weight is >= 1 (the key that sets m_f for the row's
+// top feature), so nothing a row depends on underflows and large inputs stay finite. Inside a
+// causal chunk the shifts of later keys must not reach earlier rows: there the row shift comes
+// from a max-plus product over the keys the row sees (see CausalRange).
 #include <cmath>
 #include <cstring>
 
