@@ -13,6 +13,7 @@ const OrtCustomOp* LseAttentionCpuOp();
 // CUDA kernels (cuda/*.cu)
 const OrtCustomOp* LinearAttentionCudaOp();
 const OrtCustomOp* SparseAttentionCudaOp();
+const OrtCustomOp* LseAttentionCudaOp();
 #endif
 
 }  // namespace attnexport

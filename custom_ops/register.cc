@@ -25,6 +25,7 @@ void CreateDomain() {
 #if defined(ATTNEXPORT_WITH_CUDA)
       attnexport::LinearAttentionCudaOp(),
       attnexport::SparseAttentionCudaOp(),
+      attnexport::LseAttentionCudaOp(),
 #endif
   };
   OrtCustomOpDomain* domain = nullptr;

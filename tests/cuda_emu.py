@@ -98,9 +98,11 @@ def raw_dtype(dtype: str):
 class EmuResult:
     y: np.ndarray  # float64 values of the output
     facts: dict[str, str]  # what the runner reports (path, segments, launches)
+    present: np.ndarray | None = None  # LseAttention: present_state (float32 values as float64)
 
 
-def run(binary: Path, op: str, arrays: dict[str, np.ndarray], params: dict[str, object], out_shape, dtype: str) -> EmuResult:
+def run(binary: Path, op: str, arrays: dict[str, np.ndarray], params: dict[str, object], out_shape, dtype: str,
+        present_shape=None) -> EmuResult:
     with tempfile.TemporaryDirectory() as d:
         for name, arr in arrays.items():
             np.ascontiguousarray(arr).tofile(os.path.join(d, f"{name}.bin"))
@@ -111,5 +113,8 @@ def run(binary: Path, op: str, arrays: dict[str, np.ndarray], params: dict[str, 
             raise AssertionError(f"emulator run failed ({result.returncode}): {' '.join(args[3:])}\n"
                                  f"{result.stdout[-2000:]}\n{result.stderr[-6000:]}")
         raw = np.fromfile(os.path.join(d, "y.bin"), dtype=raw_dtype(dtype)).reshape(out_shape)
+        present = None
+        if present_shape is not None:
+            present = np.fromfile(os.path.join(d, "present.bin"), dtype=np.float32).reshape(present_shape)
     facts = dict(item.split("=", 1) for item in result.stdout.split() if "=" in item)
-    return EmuResult(decode(raw, dtype), facts)
+    return EmuResult(decode(raw, dtype), facts, None if present is None else present.astype(np.float64))

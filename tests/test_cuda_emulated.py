@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import cuda_emu
-from attnexport.ops.reference import linear_attention, sparse_attention
+from attnexport.ops.reference import linear_attention, lse_attention, lse_state_parts, sparse_attention
 
 _why = cuda_emu.unavailable()
 pytestmark = pytest.mark.skipif(_why is not None, reason=f"CUDA emulator unavailable: {_why}")
@@ -25,7 +25,9 @@ pytestmark = pytest.mark.skipif(_why is not None, reason=f"CUDA emulator unavail
 # Tolerances (relative to the output's largest magnitude) against the reference evaluated on the
 # inputs as rounded to the dtype: the kernels round features / probabilities to the dtype for the
 # tensor cores, and the output once more.
-TOL = {"float32": 2e-5, "float16": 4e-3, "bfloat16": 3e-2}
+TOL = {"float32": 2e-5, "float16": 4e-3, "bfloat16": 3e-2,
+       # LseAttention at magnitudes 80-300: exp of arguments in the hundreds carries |x| * 2^-24 relative error
+       "float32_large": 1e-4}
 
 
 @pytest.fixture(scope="module")
@@ -204,3 +206,93 @@ def test_sparse_attention_large_logits(runner):
                   seed=0, mask=0)
     res = cuda_emu.run(runner, "sparse", arrays, params, (1, 2, 64, 64), "float16")
     _check(res.y, sparse_attention(q, k, v, scale=0.125, causal=1), "float16", "large logits")
+
+
+# -- LseAttention ------------------------------------------------------------------------------------
+
+def _signed(rng, shape, magnitude):
+    if magnitude is None:
+        return rng.normal(size=shape)
+    return rng.choice([-1.0, 1.0], size=shape) * rng.uniform(magnitude, 1.25 * magnitude, size=shape)
+
+
+# (B, Hq, Hkv, Sq, Skv, Dk, Dv, causal, mask, past: None | "state" | broadcast shape, magnitude, sm)
+LSE_CASES = {
+    "noncausal_segments_gqa": (2, 4, 2, 70, 130, 16, 40, 0, True, "state", None, 64),
+    "causal_square": (1, 2, 1, 100, 100, 32, 32, 1, False, None, None, 4),
+    "causal_segments_past": (1, 2, 1, 130, 200, 16, 8, 1, True, "state", None, 64),
+    "causal_sq_gt_skv_past": (2, 2, 2, 90, 40, 8, 33, 1, True, "state", None, 16),
+    "decode_sq1_past": (1, 4, 2, 1, 1, 16, 16, 1, False, "state", None, 4),
+    "broadcast_zero_past": (1, 2, 1, 40, 50, 8, 8, 1, False, (1, 1), None, 4),
+    "magnitude80_causal": (1, 2, 1, 90, 90, 4, 8, 1, True, None, 80.0, 8),
+    "magnitude300_noncausal_past": (1, 2, 1, 50, 70, 4, 8, 0, False, "state", 300.0, 8),
+    "magnitude300_causal_past": (2, 2, 1, 70, 70, 8, 8, 1, True, "state", 300.0, 16),
+    "no_keys_past_only": (1, 2, 1, 5, 0, 8, 8, 1, False, "state", None, 4),
+}
+LSE_PARAMS = [(c, "float32") for c in LSE_CASES] + [
+    (c, d) for c in ("causal_segments_past", "magnitude80_causal", "noncausal_segments_gqa") for d in ("float16", "bfloat16")]
+
+
+@pytest.mark.parametrize("case,dtype", LSE_PARAMS)
+def test_lse_attention(runner, case, dtype):
+    b, hq, hkv, sq, skv, dk, dv, causal, use_mask, past, magnitude, sm = LSE_CASES[case]
+    rng = np.random.default_rng(zlib.crc32(f"{case}/{dtype}".encode()))
+    scale = 1.0 / math.sqrt(dk)
+    q_raw, q = cuda_emu.encode(_signed(rng, (b, hq, sq, dk), magnitude), dtype)
+    k_raw, k = cuda_emu.encode(_signed(rng, (b, hkv, skv, dk), magnitude), dtype)
+    v_raw, v = cuda_emu.encode(rng.normal(size=(b, hkv, skv, dv)), dtype)
+    arrays = {"q": q_raw, "k": k_raw, "v": v_raw}
+    params = dict(dtype=dtype, B=b, Hq=hq, Hkv=hkv, Sq=sq, Skv=skv, Dk=dk, Dv=dv, scale=scale, causal=causal,
+                  mask=int(use_mask), sm=sm)
+    mask = _mask(rng, b, skv) if use_mask and skv else None
+    if mask is None:
+        params["mask"] = 0
+    else:
+        arrays["mask"] = mask
+    state = None
+    if past == "state":  # the state of three earlier keys (of the same magnitude)
+        _, state = lse_attention(_signed(rng, (b, hq, 3, dk), magnitude), _signed(rng, (b, hkv, 3, dk), magnitude),
+                                 rng.normal(size=(b, hkv, 3, dv)), scale=scale, return_state=True)
+        state = state.astype(np.float32)
+        arrays["past"] = state
+        params["past_shape"] = "x".join(map(str, state.shape))
+    elif past is not None:  # zeros of a broadcast shape: the empty state
+        state = np.zeros(past, np.float32)
+        arrays["past"] = state
+        params["past_shape"] = "x".join(map(str, past))
+    full_state = None if state is None else np.broadcast_to(state, (b, hkv, dk, dv + 2)).astype(np.float64)
+    res = cuda_emu.run(runner, "lse", arrays, params, (b, hq, sq, dv), dtype, present_shape=(b, hkv, dk, dv + 2))
+    ref, ref_state = lse_attention(q, k, v, mask, full_state, scale=scale, causal=causal, return_state=True)
+    tol = "float32_large" if dtype == "float32" and magnitude is not None else dtype
+    _check(res.y, ref, tol, f"LseAttention {case} {dtype} ({res.facts})")
+    # present_state: the same state (up to the float32 round-off of the sums), compared through its parts.
+    s_got, z_got, m_got = lse_state_parts(res.present, dv)
+    s_ref, z_ref, m_ref = lse_state_parts(ref_state, dv)
+    assert np.array_equal(np.isfinite(m_got), np.isfinite(m_ref)), "present_state: held dimensions differ"
+    held = np.isfinite(m_ref)
+    np.testing.assert_allclose(m_got[held], m_ref[held], rtol=1e-6, atol=1e-5, err_msg="present_state maxima")
+    np.testing.assert_allclose(z_got, z_ref, rtol=2e-5, atol=1e-5, err_msg="present_state z")
+    np.testing.assert_allclose(s_got, s_ref, rtol=2e-5, atol=2e-5 * max(1.0, float(np.abs(s_ref).max(initial=0))),
+                               err_msg="present_state S")
+    if use_mask and mask is not None and b > 1 and state is None:
+        assert np.all(res.y[-1] == 0), "a fully padded batch row (no past) must give exact zeros"
+
+
+def test_lse_attention_keys_jumping_within_a_chunk(runner):
+    """Keys whose values jump by far more than the chunk's single reference can carry (kJump): the
+    chunk runs key by key; early rows must not lose their weights to a later key's maximum."""
+    rng = np.random.default_rng(3)
+    b, h, n, dk, dv = 1, 1, 64, 4, 8
+    q = rng.normal(size=(b, h, n, dk))
+    k = rng.normal(size=(b, h, n, dk))
+    k[:, :, 20] += 150.0  # one key far above the others, in the middle of the first chunk
+    k[:, :, 45] -= 150.0
+    v = rng.normal(size=(b, h, n, dv))
+    q_raw, q = cuda_emu.encode(q, "float32")
+    k_raw, k = cuda_emu.encode(k, "float32")
+    v_raw, v = cuda_emu.encode(v, "float32")
+    params = dict(dtype="float32", B=b, Hq=h, Hkv=h, Sq=n, Skv=n, Dk=dk, Dv=dv, scale=0.5, causal=1, mask=0, sm=4)
+    res = cuda_emu.run(runner, "lse", {"q": q_raw, "k": k_raw, "v": v_raw}, params, (b, h, n, dv), "float32",
+                       present_shape=(b, h, dk, dv + 2))
+    ref = lse_attention(q, k, v, scale=0.5, causal=1)
+    _check(res.y, ref, "float32", "LseAttention with jumping keys")

@@ -15,6 +15,7 @@
 
 #include "cuda/emu/emulator.h"
 #include "cuda/kernels/linear_attention_run.h"
+#include "cuda/kernels/lse_attention_run.h"
 #include "cuda/kernels/sparse_attention_run.h"
 
 namespace {
@@ -202,6 +203,85 @@ int RunSparse(const std::string& dir, std::map<std::string, std::string>& kv) {
   return 0;
 }
 
+std::vector<int64_t> ParseShape(std::string rest) {  // "2x1x4x6" -> {2, 1, 4, 6}
+  std::vector<int64_t> shape;
+  for (size_t x; (x = rest.find('x')) != std::string::npos; rest = rest.substr(x + 1)) shape.push_back(std::stoll(rest.substr(0, x)));
+  shape.push_back(std::stoll(rest));
+  return shape;
+}
+
+int RunLse(const std::string& dir, std::map<std::string, std::string>& kv) {
+  namespace lse = attnexport::cuda::lse;
+  auto I = [&](const char* k) { return std::stoll(kv.at(k)); };
+  lse::Problem p;
+  p.dtype = ParseDType(kv.at("dtype"));
+  p.batch = I("B");
+  p.q_heads = I("Hq");
+  p.kv_heads = I("Hkv");
+  p.q_len = I("Sq");
+  p.kv_len = I("Skv");
+  p.head_dim = I("Dk");
+  p.value_dim = I("Dv");
+  p.scale = std::stof(kv.at("scale"));
+  p.causal = I("causal") != 0;
+  DeviceInfo dev;
+  dev.sm_count = kv.count("sm") ? static_cast<int>(I("sm")) : 4;
+  dev.max_smem_per_block = 227 * 1024;
+  const size_t es = p.dtype == DType::kFloat32 ? 4 : 2;
+  const size_t nq = p.batch * p.q_heads * p.q_len * p.head_dim, nk = p.batch * p.kv_heads * p.kv_len * p.head_dim;
+  const size_t nv = p.batch * p.kv_heads * p.kv_len * p.value_dim, ny = p.batch * p.q_heads * p.q_len * p.value_dim;
+  const size_t ns = p.batch * p.kv_heads * p.head_dim * (p.value_dim + 2);
+  lse::Buffers buf;
+  buf.q = HeapCopy(ReadFile(dir + "/q.bin", nq * es));
+  buf.k = HeapCopy(ReadFile(dir + "/k.bin", nk * es));
+  buf.v = HeapCopy(ReadFile(dir + "/v.bin", nv * es));
+  if (I("mask")) buf.mask = static_cast<const bool*>(HeapCopy(ReadFile(dir + "/mask.bin", p.batch * p.kv_len)));
+  if (kv.count("past_shape")) {  // right-aligned, broadcast to [B, Hkv, Dk, Dv + 2]
+    const std::vector<int64_t> shape = ParseShape(kv.at("past_shape"));
+    int64_t stride = 1;
+    for (int axis = 3; axis >= 0; --axis) {
+      const int k = axis - (4 - static_cast<int>(shape.size()));
+      const int64_t dim = k >= 0 ? shape[k] : 1;
+      p.past_stride[axis] = dim == 1 ? 0 : stride;
+      stride *= dim;
+    }
+    buf.past = static_cast<const float*>(HeapCopy(ReadFile(dir + "/past.bin", static_cast<size_t>(stride) * 4)));
+  }
+  buf.y = std::malloc(ny * es ? ny * es : 1);
+  std::memset(buf.y, 0xFF, ny * es);
+  buf.present = static_cast<float*>(std::malloc(ns * 4 ? ns * 4 : 1));
+  std::memset(buf.present, 0xFF, ns * 4);
+  lse::Plan plan;
+  std::string why = lse::MakePlan(p, dev, &plan);
+  if (!why.empty()) {
+    std::printf("error=%s\n", why.c_str());
+    return 3;
+  }
+  void* ws = std::malloc(plan.workspace_bytes ? plan.workspace_bytes : 1);
+  std::memset(ws, 0xFF, plan.workspace_bytes);
+  EmuRuntime rt;
+  why = lse::Run(rt, p, buf, ws, plan.workspace_bytes, dev);
+  if (!why.empty()) {
+    std::printf("error=%s\n", why.c_str());
+    return 3;
+  }
+  std::ofstream(dir + "/y.bin", std::ios::binary).write(static_cast<const char*>(buf.y), static_cast<std::streamsize>(ny * es));
+  std::ofstream(dir + "/present.bin", std::ios::binary)
+      .write(reinterpret_cast<const char*>(buf.present), static_cast<std::streamsize>(ns * 4));
+  std::printf("segments=%d chunks_per_seg=%d launches=", plan.segments, plan.chunks_per_seg);
+  for (size_t i = 0; i < rt.launched.size(); ++i) std::printf("%s%s", i ? "," : "", rt.launched[i].c_str());
+  std::printf("\n");
+  std::free(const_cast<void*>(buf.q));
+  std::free(const_cast<void*>(buf.k));
+  std::free(const_cast<void*>(buf.v));
+  std::free(const_cast<bool*>(buf.mask));
+  std::free(const_cast<float*>(buf.past));
+  std::free(buf.y);
+  std::free(buf.present);
+  std::free(ws);
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -223,6 +303,7 @@ int main(int argc, char** argv) {
   try {
     if (op == "linear") return RunLinear(dir, kv);
     if (op == "sparse") return RunSparse(dir, kv);
+    if (op == "lse") return RunLse(dir, kv);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "runner: %s\n", e.what());
     return 2;

@@ -4,6 +4,7 @@
 #include <string>
 
 #include "cuda/kernels/linear_attention.h"
+#include "cuda/kernels/lse_attention.h"
 #include "cuda/kernels/sparse_attention.h"
 
 namespace attnexport::cuda {
@@ -22,5 +23,9 @@ std::string LinearAttentionCuda(const la::Problem& p, const la::Buffers& buffers
 // SparseAttention (no workspace): launches on `stream`; "" or the reason.
 std::string SparseAttentionCuda(const sp::Problem& p, const sp::Buffers& buffers, void* stream,
                                 const DeviceInfo& device);
+
+// LseAttention: workspace = MakePlan's workspace_bytes; writes Y and present_state on `stream`.
+std::string LseAttentionCuda(const lse::Problem& p, const lse::Buffers& buffers, void* workspace,
+                             size_t workspace_bytes, void* stream, const DeviceInfo& device);
 
 }  // namespace attnexport::cuda
