@@ -32,6 +32,9 @@ class ProbeShape:
     batch: int = 2
     seq_len: int = 16
     past_len: int = 0
+    # Give each distinct sequence-like symbol its own length (seq_len, seq_len + 3, ...), so that e.g.
+    # an encoder's and a decoder's lengths differ and Sq != Skv shows in cross-attention.
+    distinct: bool = False
 
 
 def signature(model: ir.Model) -> list[InputSpec]:
@@ -90,10 +93,20 @@ _PAST_NAMES = re.compile(r"past|cache", re.I)
 _TOTAL_NAMES = re.compile(r"total|\+|all_seq|kv_seq", re.I)
 
 
-def _dim_value(spec: InputSpec, axis: int, dim, shape: ProbeShape) -> int:
+def _dim_value(spec: InputSpec, axis: int, dim, shape: ProbeShape, symbols: dict[str, int] | None = None) -> int:
     if isinstance(dim, int) and dim >= 0:
         return dim
     name = dim or ""
+    value = _role_value(spec, axis, name, shape)
+    # (A "total" length is past + new: equal to the sequence only because past is 0 here, never distinct.)
+    if value == shape.seq_len and shape.distinct and name and symbols is not None and not _TOTAL_NAMES.search(name):
+        if name not in symbols:
+            symbols[name] = shape.seq_len + 3 * len(symbols)
+        return symbols[name]
+    return value
+
+
+def _role_value(spec: InputSpec, axis: int, name: str, shape: ProbeShape) -> int:
     if _BATCH_NAMES.search(name) or (axis == 0 and not _PAST_NAMES.search(name) and not _TOTAL_NAMES.search(name)):
         return shape.batch
     if _TOTAL_NAMES.search(name):
@@ -112,8 +125,9 @@ def synthesize(model: ir.Model, shape: ProbeShape = ProbeShape(), *, seed: int =
     rng = np.random.default_rng(seed)
     vocab = vocab_sizes(model)
     feeds: dict[str, np.ndarray] = {}
+    symbols: dict[str, int] = {}
     for spec in signature(model):
-        dims = tuple(_dim_value(spec, axis, d, shape) for axis, d in enumerate(spec.shape))
+        dims = tuple(_dim_value(spec, axis, d, shape, symbols) for axis, d in enumerate(spec.shape))
         feeds[spec.name] = _make(spec, dims, rng, vocab.get(spec.name))
     return feeds
 

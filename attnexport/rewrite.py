@@ -190,11 +190,14 @@ def _from_bhsd(g: _Graph, y: ir.Value, layout: str, stem: str) -> tuple[ir.Value
         reshape = g.node("Reshape", [transpose.outputs[0], shape], stem=f"{stem}_merge_heads")
         return reshape.outputs[0], [transpose, reshape]
     if layout == "bh_merged":  # [B, H, S, Dv] -> [B*H, S, Dv]
-        tail = g.node("Shape", [y], {"start": 2}, stem=f"{stem}_tail_shape")
+        # Shape + Slice rather than Shape(start=2), which needs opset 15
+        full = g.node("Shape", [y], stem=f"{stem}_y_shape")
+        bounds = [g.initializer(f"{stem}_tail_{n}", np.array([x], dtype=np.int64)) for n, x in (("start", 2), ("end", 4))]
+        tail = g.node("Slice", [full.outputs[0], *bounds], stem=f"{stem}_tail_shape")
         minus_one = g.initializer(f"{stem}_minus_one", np.array([-1], dtype=np.int64))
         shape = g.node("Concat", [minus_one, tail.outputs[0]], {"axis": 0}, stem=f"{stem}_merged_shape")
         reshape = g.node("Reshape", [y, shape.outputs[0]], stem=f"{stem}_merge_batch_heads")
-        return reshape.outputs[0], [tail, shape, reshape]
+        return reshape.outputs[0], [full, tail, shape, reshape]
     raise ValueError(f"unknown output layout {layout!r}")
 
 

@@ -64,3 +64,10 @@ def data_dependent(value: ir.Value | None, graph_inputs: set[str], limit: int = 
             continue
         stack.extend(node.inputs)
     return len(seen) >= limit  # too deep to tell: treat as data-dependent
+
+
+def is_read(value: ir.Value | None) -> bool:
+    """Is the value consumed — by a node, or as a graph output?"""
+    if value is None:
+        return False
+    return bool(value.uses()) or value.is_graph_output()

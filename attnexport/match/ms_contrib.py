@@ -23,6 +23,7 @@ import math
 import numpy as np
 import onnx_ir as ir
 
+from attnexport.match.constants import is_read
 from attnexport.match.decomposed import site_name
 from attnexport.match.masks import MaskProbe, classify
 from attnexport.match.probing import ProbeRun
@@ -136,7 +137,7 @@ class MsAttentionCandidate(_FusedCandidate):
             return _unresolved(site, "the Attention op takes a KV cache (past); use a recurrent conversion")
         if _int(n, "do_rotary", 0):
             return _unresolved(site, "rotary embedding inside the Attention op (do_rotary) is not reproduced")
-        if len(n.outputs) > 1 and n.outputs[1].uses():
+        if len(n.outputs) > 1 and is_read(n.outputs[1]):
             return _unresolved(site, "the graph reads this Attention op's present output")
         weight = n.inputs[1]
         if weight.shape is None or len(weight.shape) != 2 or not all(isinstance(d, int) for d in weight.shape):
@@ -181,7 +182,7 @@ class MsMultiHeadAttentionCandidate(_FusedCandidate):
         if _input(n, 6) is not None or _input(n, 7) is not None:
             return _unresolved(site, "the MultiHeadAttention op takes a KV cache (past_key/past_value)")
         for i in (1, 2):
-            if i < len(n.outputs) and n.outputs[i].uses():
+            if i < len(n.outputs) and is_read(n.outputs[i]):
                 return _unresolved(site, "the graph reads this MultiHeadAttention op's present_key/present_value")
         key, value = _input(n, 1), _input(n, 2)
         if key is None or value is None:
@@ -251,7 +252,7 @@ class MsGroupQueryAttentionCandidate(_FusedCandidate):
         if _int(n, "smooth_softmax", 0) or _input(n, 11) is not None:
             return "smooth softmax / attention sinks are not reproduced by attnexport ops"
         for i in range(1, len(n.outputs)):
-            if n.outputs[i].uses():
+            if is_read(n.outputs[i]):
                 return "the graph reads this GroupQueryAttention op's present_key/present_value or qk output"
         if not self.num_heads or not self.kv_num_heads or self.num_heads % self.kv_num_heads:
             return f"num_heads={self.num_heads}, kv_num_heads={self.kv_num_heads}"

@@ -16,6 +16,7 @@ import numpy as np
 import onnx_ir as ir
 
 from attnexport.match import layout
+from attnexport.match.constants import is_read
 from attnexport.match.decomposed import site_name
 from attnexport.match.masks import MaskProbe, classify
 from attnexport.match.probing import ProbeRun
@@ -52,6 +53,7 @@ class OnnxAttentionCandidate:
         self.softcap = a.get_float("softcap", 0.0) if "softcap" in a else 0.0
         self.q_num_heads = a.get_int("q_num_heads", 0) if "q_num_heads" in a else 0
         self.kv_num_heads = a.get_int("kv_num_heads", 0) if "kv_num_heads" in a else 0
+        self._packed: bool | None = None
         # Opset 25: a sliding window in the standard (-1 = unbounded), relative to the absolute query
         # position, i.e. top-left aligned when there is no KV cache (like ORT's is_causal).
         self.left_window = a.get_int("left_window_size", -1) if "left_window_size" in a else -1
@@ -63,6 +65,8 @@ class OnnxAttentionCandidate:
 
     @property
     def packed(self) -> bool:
+        if self._packed is not None:
+            return self._packed
         shape = self.q_value.shape
         return shape is not None and len(shape) == 3
 
@@ -88,20 +92,26 @@ class OnnxAttentionCandidate:
         reason = self.structural_problem()
         if reason:
             return _unresolved(site, reason)
-        if self.packed:
-            return self._build_packed(site, base, padded)
         run = base[0].values
         q = run[self.q_value.name]
+        self._packed = q.ndim == 3  # the probe knows, also when the graph carries no shapes
+        if self._packed:
+            return self._build_packed(site, base, padded)
         k_in, v_in = run[n.inputs[K].name], run[n.inputs[V].name]
         if q.ndim != 4 or k_in.ndim != 4:
             return _unresolved(site, f"Q is {q.ndim}-D and K {k_in.ndim}-D; expected 4-D or packed 3-D")
         batch, num_heads, q_len, head_dim = q.shape
         kv_len = k_in.shape[2]
         rtol = 1e-3 if q.dtype == np.float16 else 1e-5
+        # The op groups KV heads itself when K has fewer heads than Q; an exporter may also have expanded
+        # them before the op, which tracing K upstream undoes.
+        operand_heads = k_in.shape[1]
+        if operand_heads == 0 or num_heads % operand_heads:
+            return _unresolved(site, f"{num_heads} query heads do not group over {operand_heads} kv heads")
         k = layout.resolve(self.k_chain, run, k_in, expected={"B": batch, "S": kv_len, "D": head_dim},
-                           transposed=False, grouped=True, num_q_heads=num_heads, rtol=rtol)
+                           transposed=False, grouped=True, num_q_heads=operand_heads, rtol=rtol)
         v = layout.resolve(self.v_chain, run, v_in, expected={"B": batch, "S": kv_len, "D": None},
-                           transposed=False, grouped=True, num_q_heads=num_heads, rtol=rtol)
+                           transposed=False, grouped=True, num_q_heads=operand_heads, rtol=rtol)
         if k is None or v is None or abs(k.alpha - 1) > 1e-3 or abs(v.alpha - 1) > 1e-3:
             return _unresolved(site, "could not trace K/V of the Attention op to [B, Hkv, S, D] tensors")
         if k.bhsd.shape[1] != v.bhsd.shape[1]:
@@ -196,9 +206,9 @@ class OnnxAttentionCandidate:
         if self.softcap:
             return f"softcap={self.softcap:g}: no attnexport op applies a logit softcap"
         for index in (1, 2):
-            if index < len(n.outputs) and n.outputs[index].uses():
+            if index < len(n.outputs) and is_read(n.outputs[index]):
                 return "the graph reads present_key/present_value of this Attention op"
-        if len(n.outputs) > 3 and n.outputs[3].uses():
+        if len(n.outputs) > 3 and is_read(n.outputs[3]):
             return "the graph reads the op's qk_matmul_output"
         return None
 

@@ -32,12 +32,19 @@ class ProbeRun:
 
 
 def base_feeds(model: ir.Model, user_feeds: dict[str, np.ndarray] | None = None, *,
-               batch: int = 2) -> list[dict[str, np.ndarray]]:
+               batch: int = 2, distinct: bool = False) -> list[dict[str, np.ndarray]]:
     if user_feeds is not None:
         return [user_feeds]
     if inputs.has_dynamic_sequence(model):
-        return [inputs.synthesize(model, inputs.ProbeShape(batch=batch, seq_len=n)) for n in PROBE_LENGTHS]
+        return [inputs.synthesize(model, inputs.ProbeShape(batch=batch, seq_len=n, distinct=distinct))
+                for n in PROBE_LENGTHS]
     return [inputs.synthesize(model, inputs.ProbeShape(batch=batch))]
+
+
+# Probe feeds to try in turn: distinct lengths for distinct sequence symbols first (so cross-attention
+# shows Sq != Skv), then one length for all (exporters may name dims that must be equal differently),
+# then batch 1 (some exports run only there, e.g. ORT's RotaryEmbedding in dynamo LLaMA at opset 23).
+PROBE_ATTEMPTS = ({"batch": 2, "distinct": True}, {"batch": 2, "distinct": False}, {"batch": 1, "distinct": False})
 
 
 def padded_variants(model: ir.Model, feeds: dict[str, np.ndarray]) -> list[tuple[str, dict[str, np.ndarray]]]:
@@ -65,16 +72,19 @@ def run_probes(model: ir.Model, candidates, user_feeds=None) -> tuple[list[Probe
     """Evaluate what the candidates need on base feeds, and their masks on padded variants."""
     needed = list(dict.fromkeys(name for c in candidates for name in c.values_needed()))
     mask_needed = list(dict.fromkeys(name for c in candidates for name in c.mask_values()))
-    base = []
-    try:
-        for feeds in base_feeds(model, user_feeds):
-            base.append(ProbeRun(feeds, probe.evaluate(model, needed, feeds)))
-    except probe.ProbeError:
-        if user_feeds is not None or not inputs.has_dynamic_batch(model):
-            raise
-        # Some exports run only at batch 1 (e.g. ORT's RotaryEmbedding in dynamo LLaMA exports at
-        # opset 23); probe there rather than give up. Left padding then goes unprobed.
-        base = [ProbeRun(feeds, probe.evaluate(model, needed, feeds)) for feeds in base_feeds(model, batch=1)]
+    attempts = [{}] if user_feeds is not None else list(PROBE_ATTEMPTS)
+    if not inputs.has_dynamic_batch(model):
+        attempts = [a for a in attempts if a.get("batch", 2) == 2] or attempts[:1]
+    error = None
+    for attempt in attempts:
+        try:
+            base = [ProbeRun(feeds, probe.evaluate(model, needed, feeds))
+                    for feeds in base_feeds(model, user_feeds, **attempt)]
+            break
+        except probe.ProbeError as e:
+            error = e
+    else:
+        raise error
     if base:
         base[0].long_masks = long_mask_values(model, candidates, base[0], user_feeds)
     padded = []
