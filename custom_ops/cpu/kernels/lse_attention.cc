@@ -190,6 +190,44 @@ void MaxRow(float* acc, const float* x, float mul, int64_t n) {
   for (; d < n; ++d) acc[d] = x[d] * mul > acc[d] ? x[d] * mul : acc[d];
 }
 
+// dst[c * ld + r] = src[r * cols + c] for r < rows, c < cols (8 x 8 blocks in registers under AVX).
+void Transpose(const float* src, int64_t rows, int64_t cols, float* dst, int64_t ld) {
+  int64_t c0 = 0;
+#if defined(__AVX__)
+  const int64_t rows8 = rows / 8 * 8;
+  for (; c0 + 8 <= cols; c0 += 8) {
+    for (int64_t r0 = 0; r0 < rows8; r0 += 8) {
+      const float* s = src + r0 * cols + c0;
+      __m256 r[8];
+      for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(s + i * cols);
+      __m256 t[8], u[8];
+      for (int i = 0; i < 4; ++i) {
+        t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+      }
+      u[0] = _mm256_shuffle_ps(t[0], t[2], 0x44);
+      u[1] = _mm256_shuffle_ps(t[0], t[2], 0xEE);
+      u[2] = _mm256_shuffle_ps(t[1], t[3], 0x44);
+      u[3] = _mm256_shuffle_ps(t[1], t[3], 0xEE);
+      u[4] = _mm256_shuffle_ps(t[4], t[6], 0x44);
+      u[5] = _mm256_shuffle_ps(t[4], t[6], 0xEE);
+      u[6] = _mm256_shuffle_ps(t[5], t[7], 0x44);
+      u[7] = _mm256_shuffle_ps(t[5], t[7], 0xEE);
+      for (int i = 0; i < 4; ++i) {
+        _mm256_storeu_ps(dst + (c0 + i) * ld + r0, _mm256_permute2f128_ps(u[i], u[i + 4], 0x20));
+        _mm256_storeu_ps(dst + (c0 + i + 4) * ld + r0, _mm256_permute2f128_ps(u[i], u[i + 4], 0x31));
+      }
+    }
+    for (int64_t r = rows8; r < rows; ++r) {
+      for (int64_t c = c0; c < c0 + 8; ++c) dst[c * ld + r] = src[r * cols + c];
+    }
+  }
+#endif
+  for (; c0 < cols; ++c0) {
+    for (int64_t r = 0; r < rows; ++r) dst[c0 * ld + r] = src[r * cols + c0];
+  }
+}
+
 // ---- summing keys into a state --------------------------------------------------------------------
 
 struct KeyBuffers {
@@ -347,8 +385,10 @@ void ReadState(const Plan& pl, int64_t b, int64_t hq, int64_t i0, int64_t n, con
 struct ChunkBuffers {
   KeyBuffers keys;       // the chunk's keys (kKeyBlock >= kChunk rows)
   float* kt = nullptr;   // [kChunk, dk] scaled keys
+  float* ktt = nullptr;  // [dk, kChunkP] the same, transposed (padded keys -inf)
   float* pm = nullptr;   // [kChunk, dk] prefix maxima
   float* mc = nullptr;   // [dk] scratch maxima
+  float* zc = nullptr;   // [dk] the chunk's Σ_r' E_r'd
   float* qt = nullptr;   // [G * kChunk, dk] scaled queries, row g * kChunk + r
   float* a = nullptr;    // [G * kChunk, dk]
   float* top = nullptr;  // [G * kChunk] X_r
@@ -360,8 +400,10 @@ struct ChunkBuffers {
     keys.Take(pl, b);
     const int64_t rows = pl.group * kChunk;
     kt = b.Take(kChunk * pl.dk);
+    ktt = b.Take(pl.dk * RoundUp(kChunk, kWidth));
     pm = b.Take(kChunk * pl.dk);
     mc = b.Take(pl.dk);
+    zc = b.Take(pl.dk);
     qt = b.Take(rows * pl.dk);
     a = b.Take(rows * pl.dk);
     top = b.Take(rows);
@@ -404,21 +446,31 @@ void CausalRows(const Plan& pl, int64_t b, int64_t hkv, int64_t q0, int64_t r0, 
     CausalRows(pl, b, hkv, q0, mid, r1, vrows, ldv, st, cb);
     return;
   }
-  // The carried state in the chunk's frame; the chunk's key exponentials (both forms).
+  // The carried state in the chunk's frame; the chunk's key exponentials E_r'd = exp(k̃_r'd - mc_d),
+  // transposed (et [dk, ldp], columns r' - r0; padded keys are -inf in ktt, so 0 here), and their
+  // sums Σ_r' E (added to z once the rows have read the state).
   Rescale(pl, st, mc);
-  SetReference(pl, mc, cb.keys.neg);
-  float* e = cb.keys.e;
-  for (int64_t r = r0; r < r1; ++r) {
-    float* er = e + (r - r0) * dk;
-    if (cb.keys.keep[r]) ExpRow(cb.kt + r * dk, 1.f, cb.keys.neg, 0.f, dk, er);
-    else std::memset(er, 0, sizeof(float) * dk);
-  }
   float* et = cb.keys.et;
   const int64_t nP = RoundUp(n, kWidth);
   for (int64_t d = 0; d < dk; ++d) {
+    const float* src = cb.ktt + d * ldp + r0;
     float* row = et + d * ldp;
-    for (int64_t r = 0; r < n; ++r) row[r] = e[r * dk + d];
-    for (int64_t r = n; r < nP; ++r) row[r] = 0.f;
+    const Vec shift = simd::Splat(mc[d] == kNegInf ? 0.f : mc[d]);
+    Vec sum = simd::Zero();
+    int64_t c = 0;
+    for (; c + kWidth <= n; c += kWidth) {
+      const Vec x = simd::ExpNonPositive(simd::Load(src + c) - shift);
+      simd::Store(row + c, x);
+      sum += x;
+    }
+    if (c < n) {
+      const Vec x = simd::ExpNonPositive(TailMinusInf(simd::LoadPartial(src + c, n - c), n - c) - shift);
+      simd::Store(row + c, x);
+      sum += x;
+      c += kWidth;
+    }
+    for (; c < nP; c += kWidth) simd::Store(row + c, simd::Zero());
+    cb.zc[d] = simd::Sum(sum);
   }
   // Query weights a_rd = exp(q̃_rd + mc_d - X_r), rows of all G heads stacked (g * n + r - r0).
   float* a = cb.a;
@@ -483,9 +535,17 @@ void CausalRows(const Plan& pl, int64_t b, int64_t hkv, int64_t q0, int64_t r0, 
       for (int64_t rl = 0; rl < n; ++rl) std::memcpy(y + rl * dv, cb.num + (g * n + rl) * pl.DvP, sizeof(float) * dv);
     }
   }
-  // Fold the keys into the state (already in the frame of mc).
-  for (int64_t r = 0; r < n; ++r) AddRow(st.z, e + r * dk, dk);
-  AccumulateKeys(pl, e, vrows + r0 * ldv, ldv, n, st);
+  // Fold the keys into the state (already in the frame of mc): S += Eᵀ V, z += Σ_r' E.
+  for (int64_t d = 0; d < dk; ++d) st.z[d] += cb.zc[d];
+  gemm::Product sg;
+  sg.k1 = n;
+  sg.a1 = et;
+  sg.lda1 = ldp;
+  sg.b1 = vrows + r0 * ldv;
+  sg.ldb1 = ldv;
+  sg.c = st.s;
+  sg.ldc = pl.DvP;
+  gemm::Run<gemm::kAccumulate>(sg, dk, pl.DvP);
 }
 
 // One (batch, kv head), causal: prefix keys (seen by every query), queries that see only the past,
@@ -513,6 +573,12 @@ void CausalUnit(const Plan& pl, int64_t u, const State& st, const ChunkBuffers& 
     const float* v = pl.V(b, hkv) + j0 * dv;
     int64_t ldv = dv;
     for (int64_t r = 0; r < n; ++r) cb.keys.keep[r] = mask == nullptr || mask[j0 + r];
+    Transpose(cb.kt, n, dk, cb.ktt, RoundUp(kChunk, kWidth));
+    for (int64_t r = 0; r < n; ++r) {
+      if (!cb.keys.keep[r]) {
+        for (int64_t d = 0; d < dk; ++d) cb.ktt[d * RoundUp(kChunk, kWidth) + r] = kNegInf;
+      }
+    }
     if (mask != nullptr || pl.DvP != dv) {
       for (int64_t r = 0; r < n; ++r) {
         float* dst = cb.keys.vc + r * pl.DvP;
