@@ -229,6 +229,10 @@ void ProcessTile(const Context& c, int64_t b, int64_t h, const Tile& tile, const
         g.ldb1 = kStrip;
         g.c = w.s + strip * kStrip;
         g.ldc = kTk;
+        if (j0 + kTk < p.kv_len) {  // the same strip of the next key tile, while this one computes
+          g.prefetch = kt + (j0 / kStrip + strip + kTk / kStrip) * dk * kStrip;
+          g.prefetch_bytes = dk * kStrip * static_cast<int64_t>(sizeof(float));
+        }
         gemm::Run<gemm::kStore>(g, rows, kStrip);
       }
       if (c0 >= c1) continue;
@@ -311,16 +315,23 @@ void ProcessTile(const Context& c, int64_t b, int64_t h, const Tile& tile, const
         }
         w.l[r] += simd::Sum(sum);
       }
-      // O += P V over the reached keys.
-      gemm::Product pv;
-      pv.k1 = kend - c0;
-      pv.a1 = w.s + c0;
-      pv.lda1 = kTk;
-      pv.b1 = v + (j0 + c0) * c.ldv;
-      pv.ldb1 = c.ldv;
-      pv.c = w.o;
-      pv.ldc = c.ldo;
-      gemm::Run<gemm::kAccumulate>(pv, rows, c.ldo);
+      // O += P V over the reached keys, one slab of kStrip value columns at a time: the slab of V
+      // (kTk x kStrip) stays in L1 while every row tile of P runs against it.
+      for (int64_t n0 = 0; n0 < c.ldo; n0 += kStrip) {
+        gemm::Product pv;
+        pv.k1 = kend - c0;
+        pv.a1 = w.s + c0;
+        pv.lda1 = kTk;
+        pv.b1 = v + (j0 + c0) * c.ldv + n0;
+        pv.ldb1 = c.ldv;
+        pv.c = w.o + n0;
+        pv.ldc = c.ldo;
+        if (n0 == 0 && j0 + kTk < p.kv_len) {  // the next key tile's rows of V
+          pv.prefetch = v + (j0 + kTk) * c.ldv;
+          pv.prefetch_bytes = Min(kTk, p.kv_len - j0 - kTk) * c.ldv * static_cast<int64_t>(sizeof(float));
+        }
+        gemm::Run<gemm::kAccumulate>(pv, rows, Min(kStrip, c.ldo - n0));
+      }
     }
   }
   float* y = t.y + ((b * p.q_heads + h) * p.q_len + tile.begin) * dv;
