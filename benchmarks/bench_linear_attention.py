@@ -472,6 +472,9 @@ def main(argv: list[str] | None = None) -> None:
     lengths = args.lengths or (QUICK_LENGTHS if args.quick else LENGTHS)
     repeats = 2 if args.quick else args.repeats
     command = "python benchmarks/bench_linear_attention.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    for var in ("ATTNEXPORT_LIBRARY", "ATTNEXPORT_CPU_ISA"):
+        if os.environ.get(var):
+            command = f"{var}={os.environ[var]} " + command
 
     info = machine(args.threads)
     print(f"CPU {info['cpu']}, kernel variant {info['isa']}, {args.threads} threads, onnxruntime {info['onnxruntime']}")
