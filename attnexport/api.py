@@ -135,4 +135,7 @@ class InferenceSession(ort.InferenceSession):
                  providers: Sequence[str] | None = None, **kwargs):
         options = sess_options or ort.SessionOptions()
         options.register_custom_ops_library(library_path())
+        from attnexport import gpu
+
+        gpu.prepare(providers)  # CUDA: load the nvidia-* wheel libraries; say why it would fall back
         super().__init__(path_or_bytes, options, providers=list(providers or ["CPUExecutionProvider"]), **kwargs)

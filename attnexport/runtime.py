@@ -46,6 +46,9 @@ def create_session(model: ir.Model | onnx.ModelProto | str | os.PathLike, *, wit
     """A session on `model`. Paths load as ORT loads them (external data beside the file); in-memory
     models keep pointing at their external data through `base_dir` (or the model's own base dir)."""
     providers = list(providers or DEFAULT_PROVIDERS)
+    from attnexport import gpu
+
+    gpu.prepare(providers)
     if isinstance(model, (str, os.PathLike)):
         options = session_options(with_library=with_library, threads=threads, optimize=optimize, quiet=quiet)
         return ort.InferenceSession(str(model), options, providers=providers)

@@ -49,6 +49,9 @@ macro(attnexport_add_cuda target)
   else()
     set(ATTNEXPORT_CUDA_ARCHITECTURES "80-real;90" CACHE STRING
         "CUDA architectures of the attnexport kernels (CMake CUDA_ARCHITECTURES syntax)")
+    if(NOT ATTNEXPORT_CUDA_ARCHITECTURES)  # given but empty (an unset environment variable, say)
+      set(ATTNEXPORT_CUDA_ARCHITECTURES "80-real;90")
+    endif()
     if(NOT DEFINED CMAKE_CUDA_ARCHITECTURES OR CMAKE_CUDA_ARCHITECTURES STREQUAL "")
       # Keeps enable_language from probing for a default; the target's property below is what counts.
       set(CMAKE_CUDA_ARCHITECTURES "${ATTNEXPORT_CUDA_ARCHITECTURES}")
