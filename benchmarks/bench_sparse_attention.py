@@ -16,7 +16,8 @@ skips the upper triangle; non-causal: plain exact attention). ORT's paths:
 Each point: one warm-up run, then the median of 3 timed runs (or the first run alone when it takes
 > 2 s). Time = CPU time of the process during the run / threads (ORT's idle threads sleep rather
 than spin), which is what the run takes on that many idle cores even when other jobs share the
-machine; wall time is recorded too. A point whose predicted time (from the previous length, quadratic for ORT's paths) exceeds --skip-after
+machine; wall time is recorded too. A point that would need more than 40% of the memory for ORT's [H, n, n] logits (Attention-25 also
+builds a mask as large; it was OOM-killed at n=16384 on 24 GB) is skipped too. A point whose predicted time (from the previous length, quadratic for ORT's paths) exceeds --skip-after
 seconds is skipped and said so. Writes benchmarks/results/sparse_attention_cpu.{md,json}.
 """
 
@@ -67,9 +68,12 @@ def _bsd(name):
 class Path_:
     """One way to compute attention: builds its session and its feeds from Q, K, V [1, H, n, d]."""
 
-    def __init__(self, name, kind, causal, window, build, layout):
+    def __init__(self, name, kind, causal, window, build, layout, score_bytes=4):
         self.name, self.kind, self.causal, self.window = name, kind, causal, window
         self.build, self.layout = build, layout  # layout: "bhsd", "bsd" or "gqa"
+        # ORT's paths hold [H, n, n] logits (and Attention-25 a mask as large): bytes per entry, for
+        # skipping a point that would not fit in memory (SparseAttention: 0, its memory is linear).
+        self.score_bytes = score_bytes if kind != "attnexport" else 0
 
     def feeds(self, q, k, v):
         if self.layout == "bhsd":
@@ -131,7 +135,8 @@ def ort_paths(threads):
                                         left_window_size=window, right_window_size=0 if causal else window)
                 return _session([node], [_bhsd("q"), _bhsd("k"), _bhsd("v")], 25, threads, False)
 
-            paths.append(Path_(f"ORT Attention-25 window={window}", "windowed", causal, (window, 0), windowed, "bhsd"))
+            paths.append(Path_(f"ORT Attention-25 window={window}", "windowed", causal, (window, 0), windowed, "bhsd",
+                               score_bytes=8))
     return paths
 
 
@@ -190,6 +195,11 @@ def main() -> None:
             key = f"{p.name} | {'causal' if p.causal else 'non-causal'}"
             row = rows.setdefault(key, {"name": p.name, "causal": p.causal, "kind": p.kind, "window": p.window,
                                         "times": {}})
+            need = p.score_bytes * H * n * n
+            if need > 0.4 * _memory_bytes():
+                row["times"][n] = {"skipped": f"needs about {need / 2**30:.0f} GiB ([H, n, n] logits/mask)"}
+                print(f"n={n} {key}: skipped (about {need / 2**30:.0f} GiB)", flush=True)
+                continue
             if key in previous:
                 n0, t0 = previous[key]
                 predicted = t0 * (n / n0) ** (1 if p.kind == "attnexport" and p.window[0] is not None else 2)
@@ -217,6 +227,10 @@ def main() -> None:
     out.with_suffix(".json").write_text(json.dumps(report, indent=1))
     out.with_suffix(".md").write_text(markdown(report))
     print(markdown(report))
+
+
+def _memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def _seconds(row, n):
@@ -290,6 +304,10 @@ def markdown(report) -> str:
         t, full = ours(None, True, n), best("full", True, None, n)
         if t is not None and full is not None:
             lines.append(f"| {n} | {t * 1e3:.0f} | {full * 1e3:.0f} | {full / t:.2f}× |")
+    skipped = [f"- {r['name']} ({'causal' if r['causal'] else 'non-causal'}), n={n}: {e['skipped']}"
+               for r in rows for n, e in r["times"].items() if "skipped" in e]
+    if skipped:
+        lines += ["", "Skipped points:", ""] + skipped
     lines += ["", "Equivalence check at n=300 (max |difference| from SparseAttention of the same pattern):", ""]
     for name, value in report["equivalence_max_abs"].items():
         lines.append(f"- {name}: {value:.1e}")
