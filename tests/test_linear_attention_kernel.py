@@ -369,9 +369,11 @@ def test_every_isa_variant(isa):
         "print(json.dumps([t.check(c, tol=t.TOL_LARGE if c.magnitude > 1 else t.TOL) for c in cases]))\n"
     )
     env = dict(os.environ, ATTNEXPORT_CPU_ISA=isa)
-    env["PYTHONPATH"] = os.pathsep.join([str(here), str(here.parent), env.get("PYTHONPATH", "")])
+    # The tests folder only: the package is the installed one (-P keeps the working directory, the
+    # source tree under CI, off sys.path too).
+    env["PYTHONPATH"] = os.pathsep.join([str(here), env.get("PYTHONPATH", "")])
     cases = json.dumps([asdict(c) for c in ISA_CASES])
-    done = subprocess.run([sys.executable, "-c", script, cases], env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-P", "-c", script, cases], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     errors = json.loads(done.stdout.strip().splitlines()[-1])
     assert len(errors) == len(ISA_CASES)

@@ -295,7 +295,7 @@ print(json.dumps(max(errors)))
 def test_every_isa_variant_agrees(isa):
     # ATTNEXPORT_CPU_ISA caps the variant (a cap above what the CPU has runs the best it has).
     env = dict(os.environ, ATTNEXPORT_CPU_ISA=isa)
-    out = subprocess.run([sys.executable, "-c", _ISA_SCRIPT, os.path.dirname(__file__)], env=env,
+    out = subprocess.run([sys.executable, "-P", "-c", _ISA_SCRIPT, os.path.dirname(__file__)], env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout.strip().splitlines()[-1]) < 2e-5
