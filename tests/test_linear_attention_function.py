@@ -285,8 +285,6 @@ def test_large_magnitude_favor_without_eps():
                        **LARGE_TOLERANCE)
 
 
-@pytest.mark.xfail(strict=True, reason="CPU kernel: favor with eps = 0 computes 0 * exp(-shift) = 0 * inf (NaN), and "
-                   "its per-row feature shifts underflow the weights of large inputs; remove this mark once fixed")
 def test_large_magnitude_favor_without_eps_kernel(op_library):
     model = build(LARGE_FAVOR, 18)
     feeds = large_inputs(SHAPES["gqa4_sq<skv"])
