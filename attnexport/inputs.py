@@ -91,6 +91,9 @@ def _through_casts(value: ir.Value | None) -> ir.Value | None:
 _BATCH_NAMES = re.compile(r"batch|^b$|^n$|^bs$", re.I)
 _PAST_NAMES = re.compile(r"past|cache", re.I)
 _TOTAL_NAMES = re.compile(r"total|\+|all_seq|kv_seq", re.I)
+# Names that are past + new by construction. "kv_seq" is not among them: without a cache it is a
+# cross-attention length of its own (an encoder's output), so distinct probing varies it.
+_SUM_NAMES = re.compile(r"total|\+|all_seq", re.I)
 
 
 def _dim_value(spec: InputSpec, axis: int, dim, shape: ProbeShape, symbols: dict[str, int] | None = None) -> int:
@@ -99,7 +102,7 @@ def _dim_value(spec: InputSpec, axis: int, dim, shape: ProbeShape, symbols: dict
     name = dim or ""
     value = _role_value(spec, axis, name, shape)
     # (A "total" length is past + new: equal to the sequence only because past is 0 here, never distinct.)
-    if value == shape.seq_len and shape.distinct and name and symbols is not None and not _TOTAL_NAMES.search(name):
+    if value == shape.seq_len and shape.distinct and name and symbols is not None and not _SUM_NAMES.search(name):
         if name not in symbols:
             symbols[name] = shape.seq_len + 3 * len(symbols)
         return symbols[name]
