@@ -13,8 +13,8 @@ everything earlier in a state of fixed size:
     present_state.<l>                                (output, the same shape)
 
 `<l>` counts the cached sites in graph order (0, 1, ...). The state layouts are the ops' own:
-LseAttention [B, Hkv, Dk, Dv + 2] = [S | z | m], LinearAttention [B, Hkv, F, Dv + 1] = [S | z] (see
-their modules); zeros are the empty state. The mapping is recorded in the model's metadata under
+LseAttention [B, Hkv, Dk, Dv + 2] = [S | z | m] (float32), LinearAttention [B, Hkv, F, Dv + 2] =
+[S | z | m] (float32; m is favor's shift, 0 otherwise); zeros are the empty state. The mapping is recorded in the model's metadata under
 `attnexport.recurrent` (JSON).
 
 What a caller feeds per step (the rest of the signature is the original's):
@@ -48,7 +48,8 @@ METADATA_RECURRENT = "attnexport.recurrent"
 PAST_LENGTH_INPUT = "past_sequence_length"
 STATE_LAYOUTS = {
     "LseAttention": "[B, Hkv, Dk, Dv + 2] = [S_d (Dv) | z_d | m_d] per key dimension d, float32",
-    "LinearAttention": "[B, Hkv, F, Dv + 1] = [S_f (Dv) | z_f] per feature f, the op's dtype",
+    "LinearAttention": "[B, Hkv, F, Dv + 2] = [S_f (Dv) | z_f | m_f] per feature f (m_f: favor's shift, else 0), "
+                       "float32",
 }
 
 
@@ -82,9 +83,21 @@ class RecurrentResult:
         }, separators=(",", ":"), default=str)
 
 
-def _state_input(op: str, site, batch) -> tuple[list, ir.DataType]:
+def _state_input(replacement, site, batch) -> tuple[list, ir.DataType]:
+    """Shape and element type of the state of `site` replaced by `replacement`."""
+    op = replacement.op.name
     if op == "LseAttention":
         return [batch, site.num_kv_heads, site.head_dim, site.v_head_dim + 2], ir.DataType.FLOAT
+    if op == "LinearAttention":
+        fm, d = replacement.attributes["feature_map"], site.head_dim
+        if fm == "taylor2" and replacement.attributes["expansion_point"] != "zero":
+            raise UnsupportedError("--recurrent: taylor2 with --expansion-point mean or max cannot carry a state "
+                                   "(its expansion point needs every past logit); use zero")
+        features = {"elu1": d, "relu": d, "taylor2": 1 + d + d * (d + 1) // 2}.get(fm)
+        if fm == "favor":
+            features = replacement.extra_inputs["projection"].shape[1]
+        # float32 whatever the model's type: z_f sums over every key and leaves float16's range.
+        return [batch, site.num_kv_heads, features, site.v_head_dim + 2], ir.DataType.FLOAT
     raise UnsupportedError(f"--recurrent: {op} has no state input")
 
 
@@ -206,13 +219,15 @@ def apply(model: ir.Model, plan: Plan) -> RecurrentResult:
         op_node = _op_node(values[site_plan.site.output])
         past = graph_inputs[cache.key.past_input]
         batch = past.shape[0] if past.shape is not None else "batch"
-        shape, dtype = _state_input(op_node.op_type, site_plan.site, batch)
+        shape, dtype = _state_input(site_plan.replacement, site_plan.site, batch)
         state_in = ir.Value(name=f"past_state.{layer}", type=ir.TensorType(dtype), shape=ir.Shape(shape))
         model.graph.inputs.append(state_in)
         slot = [spec.name for spec in site_plan.replacement.op.inputs].index("past_state")
         if len(op_node.inputs) <= slot:
             op_node.resize_inputs(slot + 1)
         op_node.replace_input_with(slot, state_in)
+        if len(op_node.outputs) < 2:  # present_state is optional for LinearAttention
+            op_node.resize_outputs(2)
         state_out = op_node.outputs[1]
         state_out.name = f"present_state.{layer}"
         state_out.dtype = dtype

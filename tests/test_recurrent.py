@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from attnexport import api, decoders
 from attnexport.cli import main
 from attnexport.errors import AttnExportError
+from attnexport.methods import MethodOptions
 from attnexport.recurrent import METADATA_RECURRENT
 from ortutil import session
 
@@ -65,11 +66,13 @@ def run_recurrent(sess, ids: np.ndarray, mask: np.ndarray, sizes: list[int]) -> 
     return np.concatenate(outputs, axis=1)
 
 
-@pytest.mark.parametrize("arch, exporter", SUBJECTS)
-def test_recurrent_decoding_matches_the_whole_sequence(arch, exporter, cached_decoder, tmp_path, op_library):
-    source = cached_decoder(arch, exporter)
-    whole = api.convert(source, tmp_path / "whole.onnx", method="lse")
-    recurrent = api.convert(source, tmp_path / "recurrent.onnx", method="lse", recurrent=True)
+def check_recurrent(source: str, tmp_path, method: str, options: MethodOptions | None = None,
+                    state_shape: list[int] | None = None, arch: str = "gpt2") -> None:
+    """The recurrent conversion of `source`, run in one call, in chunks and token by token, gives the
+    non-recurrent conversion's outputs on the whole sequence (real tokens; kernels and functions)."""
+    whole = api.convert(source, tmp_path / f"whole_{method}.onnx", method=method, options=options)
+    recurrent = api.convert(source, tmp_path / f"recurrent_{method}.onnx", method=method, options=options,
+                            recurrent=True)
     assert recurrent.replaced == whole.replaced == 2
 
     model = onnx.load(recurrent.output_path, load_external_data=False)
@@ -82,11 +85,10 @@ def test_recurrent_decoding_matches_the_whole_sequence(arch, exporter, cached_de
     meta = json.loads({p.key: p.value for p in model.metadata_props}[METADATA_RECURRENT])
     assert meta["layers"][0]["replaces_inputs"] == ["past_key_values.0.key", "past_key_values.0.value"]
     assert meta["layers"][0]["replaces_outputs"] == ["present.0.key", "present.0.value"]
-    spec = decoders.describe(arch)
     state = next(i for i in model.graph.input if i.name == "past_state.0")
-    assert [d.dim_value for d in state.type.tensor_type.shape.dim][1:] == [spec.num_kv_heads, spec.head_dim,
-                                                                          spec.head_dim + 2]
+    assert [d.dim_value for d in state.type.tensor_type.shape.dim][1:] == state_shape
 
+    spec = decoders.describe(arch)
     batch, n = 2, 13
     rng = np.random.default_rng(0)
     ids = rng.integers(0, spec.vocab, (batch, n)).astype(np.int64)
@@ -100,7 +102,24 @@ def test_recurrent_decoding_matches_the_whole_sequence(arch, exporter, cached_de
             got = run_recurrent(rec_sess, ids, mask, sizes)
             real = mask.astype(bool)  # padded positions' outputs are meaningless in both
             err = float(np.abs(got - expected)[real].max())
-            assert err <= 2e-5 * max(1.0, float(np.abs(expected).max())), (with_library, sizes, err)
+            assert err <= 2e-5 * max(1.0, float(np.abs(expected).max())), (method, with_library, sizes, err)
+
+
+@pytest.mark.parametrize("arch, exporter", SUBJECTS)
+def test_recurrent_decoding_matches_the_whole_sequence(arch, exporter, cached_decoder, tmp_path, op_library):
+    spec = decoders.describe(arch)
+    check_recurrent(cached_decoder(arch, exporter), tmp_path, "lse",
+                    state_shape=[spec.num_kv_heads, spec.head_dim, spec.head_dim + 2], arch=arch)
+
+
+@pytest.mark.parametrize("feature_map", ["elu1", "favor"])
+def test_linear_attention_recurrent(feature_map, cached_decoder, tmp_path, op_library):
+    """--method linear --recurrent: LinearAttention's state (S | z | favor's shifts) carries the sequence."""
+    spec = decoders.describe("llama")
+    options = MethodOptions(feature_map=feature_map, num_features=12)
+    features = spec.head_dim if feature_map == "elu1" else 12
+    check_recurrent(cached_decoder("llama", "torchscript17"), tmp_path, "linear", options,
+                    state_shape=[spec.num_kv_heads, features, spec.head_dim + 2], arch="llama")
 
 
 def test_cli_recurrent_and_the_one_line_errors(cached_decoder, zoo_model, tmp_path, op_library):

@@ -72,10 +72,12 @@ class _Site:
     dtype: int | None  # element type of its first input, when known
     handle: Any  # representation-specific
     placeholders: dict[str, Placeholder] = field(default_factory=dict)
+    outputs: set[str] = field(default_factory=set)  # optional outputs the node produces
 
     def variant(self) -> dict[str, Any]:
         values = dict(self.attributes)
         values.update({spec.name: spec.name in self.present for spec in self.schema.inputs if spec.optional})
+        values.update({spec.name: spec.name in self.outputs for spec in self.schema.outputs if spec.optional})
         values["dtype"] = self.dtype
         return values
 
@@ -208,7 +210,9 @@ def _proto_sites(model: onnx.ModelProto) -> list[_Site]:
             if dtypes is None:
                 dtypes = _proto_dtypes(model)
             sites.append(_Site(schema, where, _checked_attributes(schema, values, where), present,
-                               dtypes.get(node.input[0]) if node.input else None, (index, position, node)))
+                               dtypes.get(node.input[0]) if node.input else None, (index, position, node),
+                               outputs={spec.name for spec, name in zip(schema.outputs, node.output)
+                                        if spec.optional and name}))
     return sites
 
 
@@ -267,7 +271,9 @@ def _attach_proto(model: onnx.ModelProto) -> onnx.ModelProto:
     functions = _plan(sites, opset, ml)
 
     # Complete the nodes; insert placeholders before the nodes that need them.
-    fresh = _proto_names(model) if any(s.placeholders for s in sites) else None
+    arity = {f.name: len(f.output) for f in functions}
+    short = any(len(s.handle[2].output) < arity[s.schema.name] for s in sites)
+    fresh = _proto_names(model) if short or any(s.placeholders for s in sites) else None
     inserts: dict[int, dict[int, list[onnx.NodeProto]]] = {}
     for site in sites:
         index, position, node = site.handle
@@ -276,6 +282,10 @@ def _attach_proto(model: onnx.ModelProto) -> onnx.ModelProto:
         node.attribute.extend(helper.make_attribute(name, value) for name, value in values.items())
         while len(node.input) < len(site.schema.inputs):
             node.input.append("")
+        # Every output the function declares (ONNX Runtime's type inference of a call with fewer
+        # outputs than its function fails): an unused name for an optional output the node left out.
+        while len(node.output) < arity[site.schema.name]:
+            node.output.append(fresh("unused"))
         for name, ph in site.placeholders.items():
             new_nodes, value = _proto_placeholder(ph, node.input[site.schema.input_index(ph.source)], opset, fresh)
             node.input[site.schema.input_index(name)] = value
@@ -343,7 +353,9 @@ def _ir_sites(model: ir.Model) -> list[_Site]:
             present = {spec.name for spec, value in zip(schema.inputs, node.inputs) if spec.optional and value is not None}
             first = node.inputs[0] if node.inputs else None
             dtype = int(first.dtype) if first is not None and first.dtype is not None else None
-            sites.append(_Site(schema, where, _checked_attributes(schema, values, where), present, dtype, node))
+            sites.append(_Site(schema, where, _checked_attributes(schema, values, where), present, dtype, node,
+                               outputs={spec.name for spec, value in zip(schema.outputs, node.outputs)
+                                        if spec.optional and value is not None and value.name}))
     return sites
 
 
@@ -371,12 +383,24 @@ def _attach_ir(model: ir.Model) -> ir.Model:
     functions = _plan(sites, opset, model.opset_imports.get(ML_DOMAIN))
 
     shared: dict[tuple, ir.Value] = {}
+    fresh_ir = None
+    if any(len(s.handle.outputs) < len(f.output) for s in sites for f in functions if f.name == s.schema.name):
+        used = {v.name for g in _ir_containers(model) for n in ir.traversal.RecursiveGraphIterator(g)
+                for v in (*n.inputs, *n.outputs) if v is not None and v.name}
+        used |= {v.name for v in model.graph.inputs}
+        fresh_ir = _Names(used)
     for site in sites:
         node: ir.Node = site.handle
         for name, value in site.schema.complete_attributes(**site.attributes).items():
             node.attributes[name] = ir.convenience.convert_attribute(name, value)
         if len(node.inputs) < len(site.schema.inputs):
             node.resize_inputs(len(site.schema.inputs))
+        declared = next(len(f.output) for f in functions if f.name == site.schema.name)
+        if len(node.outputs) < declared:  # see _attach_proto: every output the function declares
+            node.resize_outputs(declared)
+            for out in node.outputs:
+                if not out.name:
+                    out.name = fresh_ir("unused")
         for name, ph in site.placeholders.items():
             source = node.inputs[site.schema.input_index(ph.source)]
             key = (id(node.graph), ph, id(source))

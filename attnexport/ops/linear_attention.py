@@ -51,6 +51,8 @@ class Variant:
     key_padding_mask: bool = False
     projection: bool = False
     dtype: int | None = None  # TensorProto element type of Q, None when unknown
+    past_state: bool = False  # the node passes past_state
+    present_state: bool = False  # the node produces present_state
 
     @classmethod
     def of(cls, values: Mapping[str, Any]) -> Variant:
@@ -68,7 +70,8 @@ class Variant:
                 "float32, float16 or bfloat16 expected"
             )
         return cls(feature_map, expansion_point, bool(values.get("key_padding_mask", False)),
-                   bool(values.get("projection", False)), dtype)
+                   bool(values.get("projection", False)), dtype, bool(values.get("past_state", False)),
+                   bool(values.get("present_state", False)))
 
 
 def placeholders(variants: Iterable[Mapping[str, Any]]) -> dict[str, Placeholder]:
@@ -77,11 +80,17 @@ def placeholders(variants: Iterable[Mapping[str, Any]]) -> dict[str, Placeholder
     unless favor) when some node uses favor (the favor branch reads it). Raises UnsupportedError
     for an invalid configuration."""
     vs = [Variant.of(v) for v in variants]
+    for v in vs:
+        if v.past_state and v.feature_map == "taylor2" and v.expansion_point != "zero":
+            raise UnsupportedError(f"LinearAttention taylor2 with expansion_point '{v.expansion_point}' cannot read a "
+                                   "past_state (its expansion point needs every past logit); use 'zero'")
     needed = {}
     if len({v.key_padding_mask for v in vs}) > 1:
         needed["key_padding_mask"] = Placeholder("true_mask", "K", (0, 2))
     if any(v.feature_map == "favor" for v in vs) and not all(v.projection for v in vs):
         needed["projection"] = Placeholder("zeros", "Q")
+    if len({v.past_state for v in vs}) > 1:  # a [1, 1] zero state broadcasts to the empty state
+        needed["past_state"] = Placeholder("zeros", "Q")
     return needed
 
 
@@ -107,6 +116,11 @@ def build_function(opset: int, variants: Iterable[Mapping[str, Any]], *, ml_opse
             "(attach_functions gives the others an all-true mask)"
         )
     has_mask = vs[0].key_padding_mask
+    if len({v.past_state for v in vs}) > 1:
+        raise UnsupportedError("some LinearAttention nodes pass past_state and some do not; one function serves them "
+                               "all (attach_functions gives the others a zero state)")
+    has_state = vs[0].past_state
+    want_present = any(v.present_state for v in vs)
     feature_maps = [f for f in FEATURE_MAPS if any(v.feature_map == f for v in vs)]
     if "favor" in feature_maps and not all(v.projection for v in vs):
         raise UnsupportedError(
@@ -150,9 +164,55 @@ def build_function(opset: int, variants: Iterable[Mapping[str, Any]], *, ml_opse
     def k_transposed(x: str) -> str:
         return b.op("Transpose", x, perm=[0, 1, 2, 4, 3])
 
-    def finish(weights: str, eps_row: str) -> list[str]:
+    def finish(weights: str, eps_row: str, past: tuple[str, str, str] | None = None) -> list[str]:
+        """[numerator, denominator]; `past` = (weights of the state's features [B,Hkv,G,Sq,F], S, z)."""
         masked = b.op("Where", visible, weights, b.const(0.0))
-        return [masked, b.op("Add", b.reduce("ReduceSum", masked, [-1]), eps_row)]
+        numerator = b.op("MatMul", masked, v5)
+        den = b.op("Add", b.reduce("ReduceSum", masked, [-1]), eps_row)
+        if past is not None:
+            past_weights, s_past, z_past = past
+            numerator = b.op("Add", numerator, b.op("MatMul", past_weights, b.unsqueeze(s_past, 2)))
+            den = b.op("Add", den, b.op("MatMul", past_weights, b.unsqueeze(z_past, 2)))
+        return [numerator, den]
+
+    def read_state(num_features: str, favor: bool = False) -> tuple[str, str, str]:
+        """past_state as S [B,Hkv,F,Dv], z [B,Hkv,F,1], m [B,Hkv,F,1] (favor: -inf where z = 0; else 0);
+        zeros without a past state."""
+        full = b.op("Concat", batch, kv_heads, num_features, b.op("Add", value_dim, b.ints(2)), axis=0)
+        if has_state:
+            state = b.op("Expand", b.op("Cast", "past_state", to=FLOAT), full)
+        else:
+            state = b.op("ConstantOfShape", full, value=helper.make_tensor("zero", FLOAT, [1], [0.0]))
+        end = b.op("Add", value_dim, b.ints(1))
+        s_past = b.op("Slice", state, b.ints(0), value_dim, b.ints(3))
+        z_past = b.op("Slice", state, value_dim, end, b.ints(3))
+        m_past = b.op("Slice", state, end, b.op("Add", value_dim, b.ints(2)), b.ints(3))
+        if not favor:
+            return s_past, z_past, b.op("Mul", z_past, b.const(0.0))  # m is 0 for these feature maps
+        held = b.op("Greater", z_past, b.const(0.0))
+        return (b.op("Where", held, s_past, b.const(0.0)), b.op("Where", held, z_past, b.const(0.0)),
+                b.op("Where", held, m_past, b.const(float("-inf"))))
+
+    def taylor_features(x: str) -> str:
+        """[1, x, the upper triangle of x xᵀ row by row with the diagonal / √2] along the last axis
+        (the CPU kernel's order, so states are interchangeable)."""
+        shape = b.op("Shape", x)
+        lead = b.op("Slice", shape, b.ints(0), b.ints(-1))
+        dim = b.op("Slice", shape, b.ints(-1), b.ints(2**62))
+        idx = b.op("Range", b.const(0, INT64), b.op("Squeeze", dim), b.const(1, INT64))
+        rows_d, cols_d = b.unsqueeze(idx, 1), b.unsqueeze(idx, 0)
+        outer = b.op("Mul", b.unsqueeze(x, -1), b.unsqueeze(x, -2))
+        outer = b.op("Where", b.op("Equal", rows_d, cols_d), b.op("Mul", outer, b.const(0.5 ** 0.5)), outer)
+        flat = b.op("Reshape", outer, b.op("Concat", lead, b.ints(-1), axis=0))
+        upper = b.op("Reshape", b.op("GreaterOrEqual", cols_d, rows_d), b.ints(-1))
+        quad = b.op("Compress", flat, upper, axis=-1)
+        ones = b.op("ConstantOfShape", b.op("Concat", lead, b.ints(1), axis=0),
+                    value=helper.make_tensor("one", FLOAT, [1], [1.0]))
+        return b.op("Concat", ones, x, quad, axis=-1)
+
+    def taylor_count() -> str:  # F = 1 + D + D(D+1)/2, 1-D
+        return b.op("Add", b.op("Add", b.ints(1), head_dim),
+                    b.op("Div", b.op("Mul", head_dim, b.op("Add", head_dim, b.ints(1))), b.ints(2)))
 
     def dot_features(phi_name: str):
         def branch() -> list[str]:
@@ -160,7 +220,11 @@ def build_function(opset: int, variants: Iterable[Mapping[str, Any]], *, ml_opse
                 phi_q, phi_k = b.op("Relu", b.op("Mul", q5, root)), b.op("Relu", b.op("Mul", k5, root))
             else:
                 phi_q, phi_k = elu1(b.op("Mul", q5, root)), elu1(b.op("Mul", k5, root))
-            return finish(b.op("MatMul", phi_q, k_transposed(phi_k)), eps)
+            past = None
+            if has_state:
+                s_past, z_past, _ = read_state(head_dim)
+                past = (phi_q, s_past, z_past)
+            return finish(b.op("MatMul", phi_q, k_transposed(phi_k)), eps, past)
         return branch
 
     def elu1(x: str) -> str:
@@ -189,7 +253,11 @@ def build_function(opset: int, variants: Iterable[Mapping[str, Any]], *, ml_opse
         (shifted,) = b.string_switch("expansion_point", {e: centers[e] for e in expansion_points}, [FLOAT])
         weights = b.op("Add", b.op("Add", b.const(1.0), shifted),
                        b.op("Mul", b.const(0.5), b.op("Mul", shifted, shifted)))
-        return finish(weights, eps)
+        past = None
+        if has_state:  # expansion point zero (nodes with another point never read a real state)
+            s_past, z_past, _ = read_state(taylor_count())
+            past = (taylor_features(b.op("Mul", q5, root)), s_past, z_past)
+        return finish(weights, eps, past)
 
     def favor() -> list[str]:
         w = b.op("Cast", "projection", to=FLOAT)  # [Dk, F]
@@ -219,23 +287,80 @@ def build_function(opset: int, variants: Iterable[Mapping[str, Any]], *, ml_opse
         peak, total = b.loop(b.op("Sub", num_features, b.const(1, INT64)), [first, ones], step, [FLOAT, FLOAT])
         log_weights = b.op("Where", visible, b.op("Add", peak, b.op("Log", total)), b.const(float("-inf")))
         row_max = b.reduce("ReduceMax", log_weights, [-1])
+        log_f = b.op("Log", b.op("Cast", num_features, to=FLOAT))
+        past = None
+        if has_state:
+            # The state's feature f for row i, in the same frame as log_weights (which leave out the row's
+            # -|q|^2/2 - log F): log phi(q~)_f + m_f + |q|^2/2 + log F = uq_f + m_f + log(F)/2.
+            s_past, z_past, m_past = read_state(b.op("Reshape", num_features, b.ints(1)), favor=True)
+            m_row = b.unsqueeze(b.op("Transpose", m_past, perm=[0, 1, 3, 2]), 2)  # [B,Hkv,1,1,F]
+            state_logits = b.op("Add", b.op("Add", uq, m_row), b.op("Mul", log_f, b.const(0.5)))
+            row_max = b.op("Max", row_max, b.reduce("ReduceMax", state_logits, [-1]))
         row_max = b.op("Where", b.op("IsInf", row_max), b.const(0.0), row_max)
         weights = b.op("Exp", b.op("Sub", log_weights, row_max))
+        if has_state:
+            past = (b.op("Exp", b.op("Sub", state_logits, row_max)), s_past, z_past)
         # eps / exp(row max of the full log weights) = exp(log eps - row_max + |q|^2/2 + log F)
         q_norm = b.op("Mul", b.const(0.5), b.reduce("ReduceSum", b.op("Mul", qt, qt), [-1]))  # [B,Hkv,G,Sq,1]
-        log_f = b.op("Log", b.op("Cast", num_features, to=FLOAT))
         log_eps_row = b.op("Add", b.op("Sub", b.op("Log", eps), row_max), b.op("Add", q_norm, log_f))
-        return finish(weights, b.op("Exp", log_eps_row))
+        return finish(weights, b.op("Exp", log_eps_row), past)
 
     branches = {"elu1": dot_features("elu1"), "relu": dot_features("relu"), "taylor2": taylor2, "favor": favor}
-    weights, den = b.string_switch("feature_map", {f: branches[f] for f in feature_maps}, [FLOAT, FLOAT])
+    numerator, den = b.string_switch("feature_map", {f: branches[f] for f in feature_maps}, [FLOAT, FLOAT])
 
-    y5 = b.op("Div", b.op("MatMul", weights, v5), den)
+    y5 = b.op("Div", numerator, den)
     y5 = b.op("Where", b.op("Greater", den, b.const(0.0)), y5, b.const(0.0))  # no visible key (and eps 0)
     y = b.op("Reshape", y5, b.op("Concat", batch, q_heads, q_len, value_dim, axis=0))
     y = b.cast_to_input_dtype(y, "Q", output_dtype)
     b.op("Identity", y, outputs=["Y"])
+    outputs = ["Y"]
+
+    if want_present:
+        # present_state: the past plus every key the padding mask keeps, per feature.
+        kt4 = b.op("Mul", k, root)  # [B,Hkv,Skv,Dk]
+        keep = None
+        if has_mask:
+            keep = b.op("Reshape", b.op("Cast", "key_padding_mask", to=BOOL),
+                        b.op("Concat", batch, b.ints(1), kv_len, b.ints(1), axis=0))  # [B,1,Skv,1]
+
+        def plain(features: str, num_features: str) -> list[str]:
+            s_past, z_past, m_past = read_state(num_features)
+            e = features if keep is None else b.op("Where", keep, features, b.const(0.0))
+            s_new = b.op("Add", s_past, b.op("MatMul", b.op("Transpose", e, perm=[0, 1, 3, 2]), v))
+            z_new = b.op("Add", z_past, b.op("Transpose", b.reduce("ReduceSum", e, [2]), perm=[0, 1, 3, 2]))
+            return [b.op("Concat", s_new, z_new, m_past, axis=3)]
+
+        def present_dot(phi_name: str):
+            return lambda: plain(b.op("Relu", kt4) if phi_name == "relu" else elu1(kt4), head_dim)
+
+        def present_taylor() -> list[str]:
+            return plain(taylor_features(kt4), taylor_count())
+
+        def present_favor() -> list[str]:
+            w = b.op("Cast", "projection", to=FLOAT)
+            num_features = b.dim(b.op("Shape", w), 1)
+            log_f = b.op("Log", b.op("Cast", num_features, to=FLOAT))
+            k_norm = b.op("Mul", b.const(0.5), b.reduce("ReduceSum", b.op("Mul", kt4, kt4), [-1]))
+            log_k = b.op("Sub", b.op("Sub", b.op("MatMul", kt4, w), k_norm), b.op("Mul", log_f, b.const(0.5)))
+            if keep is not None:
+                log_k = b.op("Where", keep, log_k, b.const(float("-inf")))
+            s_past, z_past, m_past = read_state(b.op("Reshape", num_features, b.ints(1)), favor=True)
+            m_row = b.op("Transpose", m_past, perm=[0, 1, 3, 2])  # [B,Hkv,1,F]
+            m_new = b.op("Max", m_row, b.reduce("ReduceMax", log_k, [2]))
+            m_new = b.op("Where", b.op("IsInf", m_new), b.const(0.0), m_new)
+            e = b.op("Exp", b.op("Sub", log_k, m_new))
+            factor = b.op("Transpose", b.op("Exp", b.op("Sub", m_row, m_new)), perm=[0, 1, 3, 2])
+            s_new = b.op("Add", b.op("Mul", s_past, factor), b.op("MatMul", b.op("Transpose", e, perm=[0, 1, 3, 2]), v))
+            z_new = b.op("Add", b.op("Mul", z_past, factor),
+                         b.op("Transpose", b.reduce("ReduceSum", e, [2]), perm=[0, 1, 3, 2]))
+            return [b.op("Concat", s_new, z_new, b.op("Transpose", m_new, perm=[0, 1, 3, 2]), axis=3)]
+
+        present_branches = {"elu1": present_dot("elu1"), "relu": present_dot("relu"), "taylor2": present_taylor,
+                            "favor": present_favor}
+        (state,) = b.string_switch("feature_map", {f: present_branches[f] for f in feature_maps}, [FLOAT])
+        b.op("Identity", state, outputs=["present_state"])  # float32 whatever Q's type (see SCHEMA)
+        outputs.append("present_state")
 
     defaults = [helper.make_attribute(a.name, a.default) for a in SCHEMA.attributes]
-    return b.build(DOMAIN, SCHEMA.name, [i.name for i in SCHEMA.inputs], [o.name for o in SCHEMA.outputs],
+    return b.build(DOMAIN, SCHEMA.name, [i.name for i in SCHEMA.inputs], outputs,
                    defaults, doc=f"{SCHEMA.doc} Reference semantics (quadratic form); see attnexport.ops.linear_attention.")

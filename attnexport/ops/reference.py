@@ -69,18 +69,28 @@ def linear_attention(
     v: np.ndarray,
     key_padding_mask: np.ndarray | None = None,
     projection: np.ndarray | None = None,
+    past_state: np.ndarray | None = None,
     *,
     scale: float | None = None,
     causal: int = 0,
     feature_map: str = "elu1",
     eps: float = 1e-6,
     expansion_point: str = "zero",
-) -> np.ndarray:
+    return_state: bool = False,
+):
     """LinearAttention, quadratic form, float64.
 
     y_i = Σ_j A_ij v_j / (Σ_j A_ij + eps) over visible j, A_ij = φ(q̃_i)·φ(k̃_j), q̃ = √scale·q, k̃ = √scale·k.
     For taylor2, A_ij = 1 + (s_ij − c_i) + (s_ij − c_i)²/2 with s = scale·q·k and c_i the expansion
     point of row i (0, the mean or the maximum of its visible logits).
+
+    State (`past_state` in; with return_state, returns (y, present_state)): [B, Hkv, F, Dv + 2] per
+    feature f of `linear_features`: [S_f (Dv) | z_f | m_f], the keys it holds summed as
+    S_f = Σ_j e^{log φ(k̃_j)_f - m_f} v_j, z_f = Σ_j e^{log φ(k̃_j)_f - m_f}; m_f is favor's running
+    shift (the largest log φ(k̃_j)_f; a feature with z_f = 0 holds no key) and 0 for the other feature
+    maps, whose rows are plain sums. Query i also sees every key the past state holds:
+    y_i = (Σ_j A_ij v_j + φ(q̃_i)·S) / (Σ_j A_ij + φ(q̃_i)·z + eps). The present state adds every key
+    of the call that key_padding_mask keeps. taylor2 carries a state only with expansion_point zero.
     """
     if feature_map not in FEATURE_MAPS:
         raise ValueError(f"unknown feature_map {feature_map!r}; expected one of {FEATURE_MAPS}")
@@ -91,6 +101,7 @@ def linear_attention(
     kv_len = k.shape[2]
     if scale is None or (isinstance(scale, float) and math.isnan(scale)):
         scale = default_scale(head_dim)
+    k_kv, v_kv = k, v
     k = expand_kv_heads(k, num_q_heads)
     v = expand_kv_heads(v, num_q_heads)
     vis = visibility(batch, q_len, kv_len, causal=bool(causal), key_padding_mask=key_padding_mask)
@@ -124,12 +135,95 @@ def linear_attention(
 
     weights = np.where(vis, weights, 0.0)
     numerator = weights @ v
+    state_den = np.zeros_like(row_log_scale)
+    if (past_state is not None or return_state) and feature_map == "taylor2" and expansion_point != "zero":
+        raise ValueError("taylor2 carries a state only with expansion_point 'zero'")
+    if past_state is not None:
+        s_past, z_past, m_past = linear_state_parts(past_state, v.shape[3], favor=feature_map == "favor")
+        group = num_q_heads // s_past.shape[1]
+        s_full, z_full = np.repeat(s_past, group, axis=1), np.repeat(z_past, group, axis=1)
+        m_full = np.repeat(m_past, group, axis=1)
+        if feature_map == "favor":
+            # The row's reference grows to the largest past term; the call's weights follow it.
+            past_logits = log_q + m_full[:, :, None, :]  # [B, H, Sq, F]
+            top = np.maximum(row_log_scale, past_logits.max(axis=-1, keepdims=True, initial=-np.inf))
+            weights = weights * np.exp(row_log_scale - top)
+            numerator = numerator * np.exp(row_log_scale - top)
+            row_log_scale = top
+            past_weights = np.exp(past_logits - top)
+        else:
+            past_weights = linear_features(root * q, feature_map, projection)
+        numerator = numerator + past_weights @ s_full
+        state_den = (past_weights * z_full[:, :, None, :]).sum(axis=-1, keepdims=True)
     # eps rescaled with the row (favor); eps = 0 must stay 0 even where exp(-row_log_scale) overflows.
     eps_row = np.zeros_like(row_log_scale) if eps == 0 else eps * np.exp(-row_log_scale)
-    denominator = weights.sum(axis=-1, keepdims=True) + eps_row
+    denominator = weights.sum(axis=-1, keepdims=True) + state_den + eps_row
     # A row whose weights are all zero (no visible key, or relu features that vanish) gives 0, not 0/0.
     safe = np.where(denominator > 0, denominator, 1.0)
-    return np.where(denominator > 0, numerator / safe, 0.0)
+    y = np.where(denominator > 0, numerator / safe, 0.0)
+    if not return_state:
+        return y
+    return y, linear_state_update(k_kv, v_kv, key_padding_mask, past_state, scale=scale, feature_map=feature_map,
+                                  projection=projection)
+
+
+def linear_features(x: np.ndarray, feature_map: str, projection: np.ndarray | None = None, *, log: bool = False
+                    ) -> np.ndarray:
+    """φ(x) [.., F] as the state stores it (x already √scale-scaled): elu1 / relu elementwise; taylor2
+    [1, x, the upper triangle of x xᵀ row by row, diagonal / √2] (F = 1 + D + D(D+1)/2); favor
+    exp(Wᵀx - |x|²/2) / √F (with log=True: its logarithm)."""
+    if feature_map == "elu1":
+        return elu1(x)
+    if feature_map == "relu":
+        return relu(x)
+    if feature_map == "taylor2":
+        d = x.shape[-1]
+        rows, cols = np.triu_indices(d)
+        quad = x[..., rows] * x[..., cols] * np.where(rows == cols, 1 / math.sqrt(2), 1.0)
+        return np.concatenate([np.ones(x.shape[:-1] + (1,)), x, quad], axis=-1)
+    if projection is None:
+        raise ValueError("feature_map 'favor' needs the projection input W [Dk, F]")
+    logs = _favor_log_features(x, np.asarray(projection, np.float64))
+    return logs if log else np.exp(logs)
+
+
+def linear_state_parts(state: np.ndarray, value_dim: int, *, favor: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(S [.., F, Dv], z [.., F], m [.., F]) of a LinearAttention state, float64. favor: a feature with
+    z_f = 0 holds no key (S row 0, m -inf); other feature maps: m = 0."""
+    state = np.asarray(state, dtype=np.float64)
+    if state.shape[-1] != value_dim + 2:
+        raise ValueError(f"LinearAttention state has {state.shape[-1]} columns, expected Dv + 2 = {value_dim + 2}")
+    s, z, m = state[..., :value_dim], state[..., value_dim], state[..., value_dim + 1]
+    if not favor:
+        return s, z, np.zeros_like(z)
+    held = z > 0
+    return np.where(held[..., None], s, 0.0), np.where(held, z, 0.0), np.where(held, m, -np.inf)
+
+
+def linear_state_update(k: np.ndarray, v: np.ndarray, key_padding_mask, past_state, *, scale: float, feature_map: str,
+                        projection=None) -> np.ndarray:
+    """The present state: past_state (zeros if None) plus the keys [B, Hkv, Skv, Dk] that key_padding_mask keeps."""
+    batch, kv_heads, kv_len, _ = k.shape
+    value_dim = v.shape[3]
+    keep = np.ones((batch, kv_len), bool) if key_padding_mask is None else np.asarray(key_padding_mask, bool)
+    x = math.sqrt(scale) * k
+    favor = feature_map == "favor"
+    features = linear_features(x, feature_map, projection, log=favor)  # [B, Hkv, Skv, F]
+    num_features = features.shape[-1]
+    if past_state is None:
+        past_state = np.zeros((batch, kv_heads, num_features, value_dim + 2))
+    s, z, m = linear_state_parts(past_state, value_dim, favor=favor)
+    if favor:
+        kept = np.where(keep[:, None, :, None], features, -np.inf)
+        m_new = np.maximum(m, kept.max(axis=2, initial=-np.inf))
+        m_safe = np.where(np.isfinite(m_new), m_new, 0.0)
+        e = np.exp(kept - m_safe[:, :, None, :])
+        factor = np.exp(m - m_safe)
+        s, z, m = s * factor[..., None] + np.swapaxes(e, -1, -2) @ v, z * factor + e.sum(axis=2), m_safe
+    else:
+        e = np.where(keep[:, None, :, None], features, 0.0)
+        s, z = s + np.swapaxes(e, -1, -2) @ v, z + e.sum(axis=2)
+    return np.concatenate([s, z[..., None], m[..., None]], axis=-1)
 
 
 def _expansion_center(logits: np.ndarray, vis: np.ndarray, expansion_point: str) -> np.ndarray:

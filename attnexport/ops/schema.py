@@ -100,8 +100,14 @@ LINEAR_ATTENTION = OpSchema(
         InputSpec("V", "[B, Hkv, Skv, Dv]"),
         InputSpec("key_padding_mask", "[B, Skv] bool, true = attend", optional=True),
         InputSpec("projection", "[Dk, F] float: Performer's random features (feature_map=favor)", optional=True),
+        InputSpec("past_state", "[B, Hkv, F, Dv+2] float32 (or Q's type): per feature f [S_f (Dv) | z_f | m_f] of the keys of "
+                  "earlier calls (zeros = none; m_f: favor's log shift, else 0)", optional=True),
     ),
-    outputs=(InputSpec("Y", "[B, Hq, Sq, Dv]"),),
+    outputs=(
+        InputSpec("Y", "[B, Hq, Sq, Dv]"),
+        InputSpec("present_state", "[B, Hkv, F, Dv+2] float32: past_state plus this call's unpadded keys",
+                  optional=True),
+    ),
     attributes=(
         SCALE,
         CAUSAL,

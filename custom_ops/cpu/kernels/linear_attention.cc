@@ -125,6 +125,40 @@ void ClearState(const Plan& pl, const State& st) {
   *st.count = 0.f;
 }
 
+// st := the past state of head h (past_state [F, Dv + 2] rows), or cleared when there is none.
+void InitState(const Plan& pl, int64_t h, const State& st) {
+  ClearState(pl, st);
+  const float* past = pl.t->past_state;
+  if (past == nullptr) return;
+  const int64_t width = pl.dv + 2;
+  past += h * pl.F * width;
+  bool any = false;
+  for (int64_t f = 0; f < pl.F; ++f) {
+    const float* row = past + f * width;
+    if (pl.favor && !(row[pl.dv] > 0.f)) continue;  // z_f = 0: the feature holds no key
+    std::memcpy(st.s + f * pl.DvP, row, sizeof(float) * pl.dv);
+    st.z[f] = row[pl.dv];
+    if (pl.favor) st.shift[f] = row[pl.dv + 1];
+    any = true;
+  }
+  *st.count = any ? 1.f : 0.f;  // only marks the state as non-empty (MergeState skips empty ones)
+}
+
+// present_state rows of head h from st.
+void StoreState(const Plan& pl, int64_t h, const State& st) {
+  if (pl.t->present_state == nullptr) return;
+  const int64_t width = pl.dv + 2;
+  float* out = pl.t->present_state + h * pl.F * width;
+  for (int64_t f = 0; f < pl.F; ++f) {
+    float* row = out + f * width;
+    const bool held = !pl.favor || st.shift[f] != -INFINITY;
+    if (held) std::memcpy(row, st.s + f * pl.DvP, sizeof(float) * pl.dv);
+    else std::memset(row, 0, sizeof(float) * pl.dv);
+    row[pl.dv] = held ? st.z[f] : 0.f;
+    row[pl.dv + 1] = pl.favor && held ? st.shift[f] : 0.f;
+  }
+}
+
 void ScaleFloats(float* x, int64_t n, float factor) {
   const Vec f = simd::Splat(factor);
   int64_t i = 0;
@@ -1033,10 +1067,13 @@ void LinearAttentionForward(const LinearAttentionProblem& p, const LinearAttenti
   const int64_t heads = p.batch * p.kv_heads;
   const int64_t threads = Max(1, p.parallelism);
   const int64_t y_rows = p.batch * p.q_heads;
-  if (p.kv_len == 0) {
+  if (p.kv_len == 0 && t.past_state == nullptr) {
     std::memset(t.y, 0, sizeof(float) * y_rows * p.q_len * pl.dv);
+    if (t.present_state) std::memset(t.present_state, 0, sizeof(float) * heads * pl.F * (pl.dv + 2));
     return;
   }
+  // Without keys every query sees just the past state, causal or not.
+  const bool causal = p.causal && p.kv_len > 0;
 
   if (pl.favor) {  // √scale·W, padded rows
     float* w = scratch.Get<float>(static_cast<size_t>(pl.d * pl.FP));
@@ -1056,7 +1093,7 @@ void LinearAttentionForward(const LinearAttentionProblem& p, const LinearAttenti
     pl.kt_all = kt;
   }
 
-  if (!p.causal) {
+  if (!causal) {
     // (1) Partial states over key ranges: enough tasks for the pool to balance dynamically (a shared
     // machine's threads do not run at one speed), each at least a few blocks.
     const int64_t want = 8 * threads;
@@ -1073,7 +1110,8 @@ void LinearAttentionForward(const LinearAttentionProblem& p, const LinearAttenti
       for (int64_t item = key_split.Begin(task); item < key_split.End(task); ++item) {
         const int64_t h = item / ksplit, part = item % ksplit;
         const State st = StateAt(pl, states, item);
-        ClearState(pl, st);
+        if (part == 0) InitState(pl, h, st);  // the past state, if any, goes into part 0
+        else ClearState(pl, st);
         AccumulateKeys(pl, h / p.kv_heads, h % p.kv_heads, part * p.kv_len / ksplit, (part + 1) * p.kv_len / ksplit,
                        st, w);
       }
@@ -1088,6 +1126,7 @@ void LinearAttentionForward(const LinearAttentionProblem& p, const LinearAttenti
       };
       pool.For(static_cast<size_t>(heads), merge_body);
     }
+    for (int64_t h = 0; h < heads && t.present_state; ++h) StoreState(pl, h, StateAt(pl, states, h * ksplit));
     // (3) Queries.
     const int64_t min_queries = 2 * kQueryBlock;
     const int64_t qsplit = Max(1, Min(CeilDiv(want, y_rows), p.q_len / min_queries));
@@ -1110,10 +1149,32 @@ void LinearAttentionForward(const LinearAttentionProblem& p, const LinearAttenti
     return;
   }
 
-  // Causal. Queries that see no key (i + Skv - Sq < 0) are zeros.
+  // Causal. Queries that see no key of the call (i + Skv - Sq < 0) are zeros, or read the past state.
   if (pl.offset < 0) {
     const int64_t blind = Min(-pl.offset, p.q_len);
-    for (int64_t r = 0; r < y_rows; ++r) std::memset(t.y + r * p.q_len * pl.dv, 0, sizeof(float) * blind * pl.dv);
+    if (t.past_state == nullptr) {
+      for (int64_t r = 0; r < y_rows; ++r) std::memset(t.y + r * p.q_len * pl.dv, 0, sizeof(float) * blind * pl.dv);
+    } else {
+      const int64_t state_floats = StateFloats(pl);
+      Bump query_bump;
+      TakeQueryWork(pl, query_bump, kQueryBlock);
+      float* work = scratch.Get<float>(static_cast<size_t>(heads * (state_floats + query_bump.used)));
+      auto blind_body = [&](size_t task) {
+        const int64_t h = static_cast<int64_t>(task);
+        float* base = work + h * (state_floats + query_bump.used);
+        Bump bump{base, 0};
+        const State st = TakeState(pl, bump);
+        const QueryWork w = TakeQueryWork(pl, bump, kQueryBlock);
+        InitState(pl, h, st);
+        for (int64_t g = 0; g < pl.group; ++g) {
+          for (int64_t i0 = 0; i0 < blind; i0 += kQueryBlock) {
+            QueryRows(pl, h / p.kv_heads, (h % p.kv_heads) * pl.group + g, i0, Min(blind, i0 + kQueryBlock), st, w);
+          }
+        }
+        simd::StreamFence();
+      };
+      pool.For(static_cast<size_t>(heads), blind_body);
+    }
   }
   // Segments: with fewer heads than threads, split each sequence so every thread has work.
   const int64_t chunks = CeilDiv(p.kv_len, kChunk);
@@ -1141,10 +1202,12 @@ void LinearAttentionForward(const LinearAttentionProblem& p, const LinearAttenti
     pool.For(static_cast<size_t>(split.tasks), key_body);
     auto prefix_body = [&](size_t task) {
       const int64_t h = static_cast<int64_t>(task);
+      // Segment 0 starts from the past state (slot T-1); every prefix includes it.
+      InitState(pl, h, StateAt(pl, states, h * segments + segments - 1));
+      MergeState(pl, StateAt(pl, states, h * segments), StateAt(pl, states, h * segments + segments - 1));
       for (int64_t s = 1; s + 1 < segments; ++s) {
         MergeState(pl, StateAt(pl, states, h * segments + s), StateAt(pl, states, h * segments + s - 1));
       }
-      ClearState(pl, StateAt(pl, states, h * segments + segments - 1));
     };
     pool.For(static_cast<size_t>(heads), prefix_body);
   }
@@ -1159,12 +1222,16 @@ void LinearAttentionForward(const LinearAttentionProblem& p, const LinearAttenti
       const int64_t h = item / segments, s = item % segments;
       const int64_t slot = segments == 1 ? h : h * segments + (s == 0 ? segments - 1 : s - 1);
       const State st = StateAt(pl, states, slot);
-      if (segments == 1) ClearState(pl, st);
+      if (segments == 1) InitState(pl, h, st);
       CausalRange(pl, h / p.kv_heads, h % p.kv_heads, seg_begin(s), seg_begin(s + 1), st, w);
     }
     simd::StreamFence();
   };
   pool.For(static_cast<size_t>(split.tasks), causal_body);
+  // The last segment's state has folded in every key: present_state.
+  for (int64_t h = 0; h < heads && t.present_state; ++h) {
+    StoreState(pl, h, StateAt(pl, states, segments == 1 ? h : h * segments + segments - 2));
+  }
 }
 
 }  // namespace attnexport::cpu::ATTNEXPORT_ISA

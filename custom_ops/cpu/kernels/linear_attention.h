@@ -29,6 +29,12 @@ struct LinearAttentionTensors {
   const bool* key_padding_mask = nullptr;   // [B, Skv], true = attend; may be null
   const float* projection = nullptr;        // [Dk, F] for favor
   float* y = nullptr;                       // [B, Hq, Sq, Dv]
+  // Recurrent state [B, Hkv, F, Dv + 2] = [S_f | z_f | m_f] per feature (m_f: favor's shift, else 0;
+  // favor: z_f = 0 means no key). past_state: the keys of earlier calls, seen by every query (null =
+  // none; not with taylor2 mean / max); present_state: past plus this call's unpadded keys (null = not
+  // wanted).
+  const float* past_state = nullptr;
+  float* present_state = nullptr;
 };
 
 }  // namespace attnexport::cpu

@@ -17,7 +17,8 @@ using cpu::Require;
 using cpu::ShapeString;
 
 constexpr const char* kName = "LinearAttention";
-enum Input { kQ = 0, kK, kV, kKeyPaddingMask, kProjection, kNumInputs };
+enum Input { kQ = 0, kK, kV, kKeyPaddingMask, kProjection, kPastState, kNumInputs };
+enum Output { kY = 0, kPresentState, kNumOutputs };
 
 FeatureMap ParseFeatureMap(const std::string& name) {
   if (name == "elu1") return FeatureMap::kElu1;
@@ -109,14 +110,33 @@ struct LinearAttentionKernel {
       t.projection = cpu::AsFloat32(w, arena, pool);
     }
 
+    // Recurrent state [B, Hkv, F, Dv + 2], float32 whatever Q's type (F: the feature count): z_f sums
+    // one feature over every key, which passes float16's 65504 within some tens of thousands of tokens.
+    const int64_t features = p.feature_map == FeatureMap::kTaylor2 ? 1 + p.head_dim + p.head_dim * (p.head_dim + 1) / 2
+                             : p.feature_map == FeatureMap::kFavor  ? p.num_features
+                                                                    : p.head_dim;
+    const std::vector<int64_t> state_shape = {p.batch, p.kv_heads, features, p.value_dim + 2};
+    if (cpu::IsPresent(ctx, kPastState)) {
+      Require(p.feature_map != FeatureMap::kTaylor2 || p.expansion_point == ExpansionPoint::kZero,
+              "taylor2 with expansion_point mean or max cannot read a past_state (use zero)");
+      t.past_state = cpu::BroadcastToFloat32(ctx.GetInput(kPastState), state_shape, "past_state", arena, pool);
+    }
+    const bool want_present = ctx.GetOutputCount() > kPresentState;
+    const int64_t state_count = cpu::ElementCount(state_shape);
+    Ort::UnownedValue present{nullptr};
+    if (want_present) {
+      present = ctx.GetOutput(kPresentState, state_shape);
+      t.present_state = present.GetTensorMutableData<float>();
+    }
+
     const std::vector<int64_t> y_shape = {p.batch, p.q_heads, p.q_len, p.value_dim};
-    auto y = ctx.GetOutput(0, y_shape);
+    auto y = ctx.GetOutput(kY, y_shape);
     const int64_t y_count = cpu::ElementCount(y_shape);
     float* y32 = dtype == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT
                      ? y.GetTensorMutableData<float>()
                      : static_cast<float*>(arena.Allocate(static_cast<size_t>(y_count) * sizeof(float)));
     t.y = y32;
-    if (y_count > 0) {
+    if (y_count > 0 || (want_present && state_count > 0)) {
       ATTNEXPORT_ISA_DISPATCH(LinearAttentionForward)(p, t, pool, arena.Handle());
     }
     if (dtype == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) {
@@ -144,12 +164,19 @@ struct LinearAttentionOp : OpBase<LinearAttentionOp, LinearAttentionKernel> {
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
     return index >= kKeyPaddingMask ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
   }
-  size_t GetOutputTypeCount() const { return 1; }
-  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED; }
+  // present_state (optional) is float32; its shape is not inferred: the C API cannot tell whether the
+  // node has that output, and setting an absent one fails inside ORT (1.32).
+  size_t GetOutputTypeCount() const { return kNumOutputs; }
+  ONNXTensorElementDataType GetOutputType(size_t index) const {
+    return index == kPresentState ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  }
+  OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t index) const {
+    return index == kPresentState ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  }
 
   // Y = [B, Hq, Sq, Dv] of Q's type: batch, heads and length of Q, value dim of V.
   static OrtStatusPtr InferShapes(OrtShapeInferContext* ctx) {
-    return InferOutputFromInputs(ctx, 0, kQ, {{kQ, 0}, {kQ, 1}, {kQ, 2}, {kV, 3}}, kName);
+    return InferOutputFromInputs(ctx, kY, kQ, {{kQ, 0}, {kQ, 1}, {kQ, 2}, {kV, 3}}, kName);
   }
 };
 

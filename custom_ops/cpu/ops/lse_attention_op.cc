@@ -1,5 +1,6 @@
 // ONNX Runtime glue of LseAttention (CPU): reads attributes and inputs, checks shapes, stages float16
-// as float32, broadcasts past_state to its full shape, and runs the ISA variant of the kernel on ORT's
+// as float32, broadcasts past_state to its full shape (the [1, 1] zeros attach_functions gives a
+// node without a state is the empty state), and runs the ISA variant of the kernel on ORT's
 // thread pool. present_state is float32 [B, Hkv, Dk, Dv + 2], always produced.
 #include <cmath>
 #include <string>
@@ -19,40 +20,6 @@ using cpu::ShapeString;
 constexpr const char* kName = "LseAttention";
 enum Input { kQ = 0, kK, kV, kKeyPaddingMask, kPastState, kNumInputs };
 enum Output { kY = 0, kPresentState, kNumOutputs };
-
-// past_state as a full [B, Hkv, Dk, Dv + 2] float32 array: the input itself when it has that shape,
-// otherwise its numpy-style broadcast (the [1, 1] zeros attach_functions gives a node without a
-// state broadcasts to the empty state).
-const float* FullState(const Ort::ConstValue& value, const std::vector<int64_t>& full, cpu::ScratchArena& arena) {
-  const auto shape = value.GetTensorTypeAndShapeInfo().GetShape();
-  const float* data = cpu::AsFloat32(value, arena);
-  if (shape == full) return data;
-  Require(shape.size() <= full.size(), "past_state " + ShapeString(shape) + " does not broadcast to " + ShapeString(full));
-  std::vector<int64_t> dims(full.size() - shape.size(), 1);
-  dims.insert(dims.end(), shape.begin(), shape.end());
-  for (size_t i = 0; i < full.size(); ++i) {
-    Require(dims[i] == 1 || dims[i] == full[i],
-            "past_state " + ShapeString(shape) + " does not broadcast to " + ShapeString(full));
-  }
-  const int64_t count = cpu::ElementCount(full);
-  float* out = static_cast<float*>(arena.Allocate(static_cast<size_t>(count) * sizeof(float)));
-  std::vector<int64_t> strides(full.size(), 0);
-  for (int64_t i = static_cast<int64_t>(full.size()) - 1, stride = 1; i >= 0; --i) {
-    strides[i] = dims[i] == 1 ? 0 : stride;
-    stride *= dims[i];
-  }
-  std::vector<int64_t> index(full.size(), 0);
-  for (int64_t flat = 0; flat < count; ++flat) {
-    int64_t src = 0;
-    for (size_t i = 0; i < full.size(); ++i) src += index[i] * strides[i];
-    out[flat] = data[src];
-    for (int64_t i = static_cast<int64_t>(full.size()) - 1; i >= 0; --i) {
-      if (++index[i] < full[i]) break;
-      index[i] = 0;
-    }
-  }
-  return out;
-}
 
 struct LseAttentionKernel {
   LseAttentionKernel(const OrtApi&, const OrtKernelInfo* info) {
@@ -114,7 +81,9 @@ struct LseAttentionKernel {
       t.key_padding_mask = mask.GetTensorData<bool>();
     }
     const std::vector<int64_t> state_shape = {p.batch, p.kv_heads, p.head_dim, p.value_dim + 2};
-    if (cpu::IsPresent(ctx, kPastState)) t.past_state = FullState(ctx.GetInput(kPastState), state_shape, arena);
+    if (cpu::IsPresent(ctx, kPastState)) {
+      t.past_state = cpu::BroadcastToFloat32(ctx.GetInput(kPastState), state_shape, "past_state", arena, pool);
+    }
 
     const std::vector<int64_t> y_shape = {p.batch, p.q_heads, p.q_len, p.value_dim};
     auto y = ctx.GetOutput(kY, y_shape);

@@ -154,6 +154,40 @@ inline const float* AsFloat32(const Ort::ConstValue& value, ScratchArena& arena)
   return AsFloat32(value, arena, ThreadPool{});
 }
 
+// A float tensor as a full float32 array of shape `full`: the input itself when it has that shape and
+// is float32, otherwise converted and numpy-broadcast into arena memory (a recurrent state input may be
+// the [1, 1] zeros attach_functions gives a node without a state). Throws InvalidArgument naming `what`
+// when the shape does not broadcast.
+inline const float* BroadcastToFloat32(const Ort::ConstValue& value, const std::vector<int64_t>& full, const char* what,
+                                       ScratchArena& arena, const ThreadPool& pool) {
+  const auto shape = value.GetTensorTypeAndShapeInfo().GetShape();
+  const float* data = AsFloat32(value, arena, pool);
+  if (shape == full) return data;
+  const std::string message = std::string(what) + " " + ShapeString(shape) + " does not broadcast to " + ShapeString(full);
+  Require(shape.size() <= full.size(), message);
+  std::vector<int64_t> dims(full.size() - shape.size(), 1);
+  dims.insert(dims.end(), shape.begin(), shape.end());
+  for (size_t i = 0; i < full.size(); ++i) Require(dims[i] == 1 || dims[i] == full[i], message);
+  const int64_t count = ElementCount(full);
+  float* out = static_cast<float*>(arena.Allocate(static_cast<size_t>(count) * sizeof(float)));
+  std::vector<int64_t> strides(full.size(), 0);
+  for (int64_t i = static_cast<int64_t>(full.size()) - 1, stride = 1; i >= 0; --i) {
+    strides[i] = dims[i] == 1 ? 0 : stride;
+    stride *= dims[i];
+  }
+  std::vector<int64_t> index(full.size(), 0);
+  for (int64_t flat = 0; flat < count; ++flat) {
+    int64_t src = 0;
+    for (size_t i = 0; i < full.size(); ++i) src += index[i] * strides[i];
+    out[flat] = data[src];
+    for (int64_t i = static_cast<int64_t>(full.size()) - 1; i >= 0; --i) {
+      if (++index[i] < full[i]) break;
+      index[i] = 0;
+    }
+  }
+  return out;
+}
+
 inline bool IsPresent(const Ort::KernelContext& ctx, size_t index) {
   if (index >= ctx.GetInputCount()) return false;
   return static_cast<bool>(ctx.GetInput(index));

@@ -4,7 +4,9 @@
 //
 // feature_map elu1 and relu run on CUDA. taylor2 and favor have no CUDA kernel: creating the kernel
 // fails with a one-line error (ORT then fails the session: a node of a CUDA session cannot fall back
-// to the CPU kernel by attribute), which names the way out.
+// to the CPU kernel by attribute), which names the way out. Likewise the recurrent state (past_state /
+// present_state, convert --recurrent): declared as on the CPU (ORT requires the two registrations of
+// one op to agree), refused at run time.
 #include <cmath>
 #include <cstdlib>
 #include <memory>
@@ -22,7 +24,8 @@ using cuda_ops::Require;
 using cuda_ops::ShapeString;
 
 constexpr const char* kName = "LinearAttention";
-enum Input { kQ = 0, kK, kV, kKeyPaddingMask, kProjection, kNumInputs };
+enum Input { kQ = 0, kK, kV, kKeyPaddingMask, kProjection, kPastState, kNumInputs };
+enum Output { kY = 0, kPresentState, kNumOutputs };
 
 cuda::la::FeatureMap ParseFeatureMap(const std::string& name) {
   if (name == "elu1") return cuda::la::FeatureMap::kElu1;
@@ -92,6 +95,10 @@ struct LinearAttentionCudaKernel {
     p.feature_map = feature_map_;
     p.force_simt = force_simt_;
 
+    Require(!cuda_ops::IsPresent(ctx, kPastState) && ctx.GetOutputCount() <= kPresentState,
+            "LinearAttention's recurrent state (past_state / present_state) has no CUDA kernel; run this model "
+            "with the CPUExecutionProvider");
+
     cuda::la::Buffers b;
     b.q = q.GetTensorRawData();
     b.k = k.GetTensorRawData();
@@ -108,7 +115,7 @@ struct LinearAttentionCudaKernel {
     }
 
     const std::vector<int64_t> y_shape = {p.batch, p.q_heads, p.q_len, p.value_dim};
-    auto y = ctx.GetOutput(0, y_shape);
+    auto y = ctx.GetOutput(kY, y_shape);
     b.y = y.GetTensorMutableRawData();
     if (p.batch * p.q_heads * p.q_len * p.value_dim == 0) return;
 
@@ -145,8 +152,13 @@ struct LinearAttentionOpCuda : OpBase<LinearAttentionOpCuda, LinearAttentionCuda
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
     return index >= kKeyPaddingMask ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
   }
-  size_t GetOutputTypeCount() const { return 1; }
-  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED; }
+  size_t GetOutputTypeCount() const { return kNumOutputs; }
+  ONNXTensorElementDataType GetOutputType(size_t index) const {  // as on the CPU: present_state float32
+    return index == kPresentState ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  }
+  OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t index) const {
+    return index == kPresentState ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  }
 
   // Y = [B, Hq, Sq, Dv] of Q's type (as on the CPU).
   static OrtStatusPtr InferShapes(OrtShapeInferContext* ctx) {
