@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,7 +103,12 @@ class EmuResult:
 
 
 def run(binary: Path, op: str, arrays: dict[str, np.ndarray], params: dict[str, object], out_shape, dtype: str,
-        present_shape=None) -> EmuResult:
+        present_shape=None, schedule_seed: int | None = None) -> EmuResult:
+    """Runs `op`; threads between barriers run in an order drawn from schedule_seed (default: one
+    derived from the parameters, so each case runs under its own interleaving; 0: thread order)."""
+    if schedule_seed is None:
+        schedule_seed = zlib.crc32(repr(sorted(params.items())).encode()) | 1
+    params = dict(params, schedule_seed=schedule_seed)
     with tempfile.TemporaryDirectory() as d:
         for name, arr in arrays.items():
             np.ascontiguousarray(arr).tofile(os.path.join(d, f"{name}.bin"))

@@ -58,6 +58,25 @@ def _check(y, ref, dtype, what):
     assert err <= TOL[dtype] * scale, f"{what}: max abs error {err:.3g} > {TOL[dtype] * scale:.3g}"
 
 
+# -- the emulator itself -----------------------------------------------------------------------------
+
+def test_emulator_exposes_missing_barriers_and_out_of_bounds_reads(runner):
+    """A kernel that reads shared memory another thread writes in the same phase gives the right answer
+    in thread order and a wrong one under shuffled schedules; a read past an input's end aborts."""
+    import subprocess
+
+    def race(seed):
+        out = subprocess.run([str(runner), "selftest", "race", f"schedule_seed={seed}"], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return int(out.stdout.split("wrong=")[1])
+
+    assert race(0) == 63  # thread order: each reader runs before its writer (but thread 63)
+    assert any(race(seed) != race(0) for seed in (1, 2, 3)), "the schedule seed changed nothing"
+    env = dict(__import__("os").environ, ASAN_OPTIONS="detect_leaks=0")
+    out = subprocess.run([str(runner), "selftest", "oob"], capture_output=True, text=True, env=env)
+    assert out.returncode != 0 and "heap-buffer-overflow" in out.stderr, out.stdout + out.stderr[-2000:]
+
+
 # -- LinearAttention ---------------------------------------------------------------------------------
 
 # (B, Hq, Hkv, Sq, Skv, Dk, Dv, causal, mask, feature_map, sm): sm = multiprocessors the plan assumes;

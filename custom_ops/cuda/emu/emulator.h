@@ -1,9 +1,12 @@
 // A host model of the CUDA execution model, for running the attnexport kernels on a CPU in tests
 // (no GPU on the development machines). Only what cuda/common/device.cuh needs:
 //  - a grid of blocks, run one block at a time in a scrambled order (kernels must not depend on
-//    block order); each CUDA thread of the block is a fiber (its own stack, ucontext), scheduled
-//    round-robin on the calling OS thread, switching only at barriers: deterministic, and cheap
-//    enough to run thousands of blocks in a test;
+//    block order); each CUDA thread of the block is a fiber (its own stack, ucontext), run on the
+//    calling OS thread and switched only at barriers: cheap enough for thousands of blocks in a test;
+//  - between two barriers the threads run one after another in an order drawn afresh each round
+//    (SetScheduleSeed; seed 0: thread order), so a thread that reads shared memory another thread
+//    writes in the same phase (a missing barrier) sees it written or not depending on the seed: run
+//    with several seeds, such a race changes the result;
 //  - __syncthreads as a barrier of the block, warp collectives (shuffle, ldmatrix, mma.sync) as a
 //    barrier of the 32 lanes around an exchange of registers; threads that wait at barriers that
 //    can never complete (a __syncthreads in divergent code) abort the run as a deadlock;
@@ -340,6 +343,12 @@ inline void CpAsyncWait(int pending) {
   }
 }
 
+inline uint64_t& ScheduleSeed() {
+  static uint64_t seed = 0;
+  return seed;
+}
+inline void SetScheduleSeed(uint64_t seed) { ScheduleSeed() = seed; }
+
 struct LaunchStats {
   long launches = 0;
   long blocks = 0;
@@ -412,9 +421,22 @@ void Launch(Dim3 grid, int threads, size_t smem_bytes, void (*kernel)(Params...)
       makecontext(&c.context, &Entry::Run, 0);
     }
     int running = threads;
+    std::vector<int> order(threads);
+    for (int t = 0; t < threads; ++t) order[t] = t;
+    uint64_t rng = ScheduleSeed() * 0x9E3779B97F4A7C15ull + static_cast<uint64_t>(id);
     while (running > 0) {
       const uint64_t before = block.progress;
-      for (int t = 0; t < threads; ++t) {
+      if (ScheduleSeed() != 0) {  // a fresh order each round (Fisher-Yates, splitmix64)
+        for (int i = threads - 1; i > 0; --i) {
+          rng += 0x9E3779B97F4A7C15ull;
+          uint64_t z = rng;
+          z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+          z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+          z ^= z >> 31;
+          std::swap(order[i], order[static_cast<int>(z % static_cast<uint64_t>(i + 1))]);
+        }
+      }
+      for (int t : order) {
         if (ctx[t].finished) continue;
         Current() = &ctx[t];
         if (_setjmp(block.scheduler) == 0) {

@@ -282,6 +282,41 @@ int RunLse(const std::string& dir, std::map<std::string, std::string>& kv) {
   return 0;
 }
 
+// Self-tests of the emulator: a kernel with a missing barrier (its result depends on the schedule),
+// and one that reads past the end of its input (AddressSanitizer must stop it).
+void RacyKernel(int* out) {
+  int* smem = reinterpret_cast<int*>(attnexport::cuda::dev::dynamic_smem());
+  const int t = attnexport::cuda::dev::thread_x();
+  smem[t] = t + 1;
+  // missing sync_block() here: thread t reads what thread t + 1 wrote in the same phase
+  out[t] = smem[(t + 1) % 64];
+}
+void OutOfBoundsKernel(const float* in, float* out) {
+  const int t = attnexport::cuda::dev::thread_x();
+  out[t] = in[t + 1];  // in has 64 elements: thread 63 reads in[64]
+}
+
+int RunSelfTest(const std::string& which) {
+  if (which == "race") {
+    std::vector<int> out(64, 0);
+    emu::Launch(emu::Dim3{1, 1, 1}, 64, 64 * sizeof(int), RacyKernel, out.data());
+    int wrong = 0;
+    for (int t = 0; t < 64; ++t) wrong += out[t] != (t + 1) % 64 + 1;
+    std::printf("wrong=%d\n", wrong);
+    return 0;
+  }
+  if (which == "oob") {
+    float* in = static_cast<float*>(std::malloc(64 * sizeof(float)));
+    std::vector<float> out(64);
+    for (int i = 0; i < 64; ++i) in[i] = static_cast<float>(i);
+    emu::Launch(emu::Dim3{1, 1, 1}, 64, 0, OutOfBoundsKernel, static_cast<const float*>(in), out.data());
+    std::free(in);
+    std::printf("no error\n");
+    return 0;
+  }
+  return 2;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -300,7 +335,9 @@ int main(int argc, char** argv) {
     }
     kv[a.substr(0, eq)] = a.substr(eq + 1);
   }
+  if (kv.count("schedule_seed")) emu::SetScheduleSeed(std::stoull(kv.at("schedule_seed")));
   try {
+    if (op == "selftest") return RunSelfTest(dir);
     if (op == "linear") return RunLinear(dir, kv);
     if (op == "sparse") return RunSparse(dir, kv);
     if (op == "lse") return RunLse(dir, kv);
