@@ -260,6 +260,10 @@ def _replace_site(g: _Graph, site_plan: SitePlan) -> None:
     name = old.name
     old.name = g.fresh(f"{stem}_replaced")
     y.name = name
+    if y.is_graph_output():  # a graph output keeps its declared type and shape
+        y.dtype = old.dtype if old.dtype is not None else y.dtype
+        if old.shape is not None:
+            y.shape = old.shape
     g.values[name] = y
 
 
