@@ -71,11 +71,14 @@ def _case(arch: str):
     return pytest.param(arch, exporter, marks=marks, id=f"{arch}-{exporter}")
 
 
-CASES = [_case(arch) for arch in zoo.ARCHITECTURES if arch not in _COVERED_ELSEWHERE]
+# The zoo's own architectures (other test modules register variants of their own, e.g. a Mistral
+# with a wider sliding window, into the same dict of the same process).
+ZOO_ARCHITECTURES = [a for a, spec in zoo.ARCHITECTURES.items() if spec.build.__module__ == zoo.__name__]
+CASES = [_case(arch) for arch in ZOO_ARCHITECTURES if arch not in _COVERED_ELSEWHERE]
 
 
 def test_every_architecture_has_an_expectation():
-    missing = [a for a in zoo.ARCHITECTURES if a not in _COVERED_ELSEWHERE and a not in EXPECTED and
+    missing = [a for a in ZOO_ARCHITECTURES if a not in _COVERED_ELSEWHERE and a not in EXPECTED and
                zoo.ARCHITECTURES[a].exporters]
     assert not missing, f"add these architectures to EXPECTED: {missing}"
     families = {zoo.ARCHITECTURES[a].family for a in EXPECTED}

@@ -371,7 +371,8 @@ def test_every_isa_variant(isa):
     env = dict(os.environ, ATTNEXPORT_CPU_ISA=isa)
     # The tests folder only: the package is the installed one (-P keeps the working directory, the
     # source tree under CI, off sys.path too).
-    env["PYTHONPATH"] = os.pathsep.join([str(here), env.get("PYTHONPATH", "")])
+    # (An empty entry would mean the working directory: leave none.)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in [str(here), env.get("PYTHONPATH", "")] if p)
     cases = json.dumps([asdict(c) for c in ISA_CASES])
     done = subprocess.run([sys.executable, "-P", "-c", script, cases], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
