@@ -171,6 +171,19 @@ class FunctionBuilder:
             raise UnsupportedError(f"CastLike needs opset >= 15 (the model has {self.opset})")
         return self.op("CastLike", x, like)
 
+    def state_parts(self, present: bool, batch: str, kv_heads: str, rows: str, value_dim: str) -> tuple[str, str, str]:
+        """A recurrent state [B, Hkv, rows, Dv + 2] = [S | z | m] (input `past_state`, any float type,
+        broadcast to that shape; zeros when not `present`) as float32 S [.., Dv], z [.., 1], m [.., 1]."""
+        full = self.op("Concat", batch, kv_heads, rows, self.op("Add", value_dim, self.ints(2)), axis=0)
+        if present:
+            state = self.op("Expand", self.op("Cast", "past_state", to=FLOAT), full)
+        else:
+            state = self.op("ConstantOfShape", full, value=helper.make_tensor("zero", FLOAT, [1], [0.0]))
+        value_end = self.op("Add", value_dim, self.ints(1))
+        return (self.op("Slice", state, self.ints(0), value_dim, self.ints(3)),
+                self.op("Slice", state, value_dim, value_end, self.ints(3)),
+                self.op("Slice", state, value_end, self.op("Add", value_dim, self.ints(2)), self.ints(3)))
+
     def dims(self, shape: str, *indices: int) -> str:
         """Entries of a shape (1-D int64) as a 1-D int64 tensor."""
         return self.op("Gather", shape, self.ints(*indices), axis=0)

@@ -178,15 +178,7 @@ def build_function(opset: int, variants: Iterable[Mapping[str, Any]], *, ml_opse
     def read_state(num_features: str, favor: bool = False) -> tuple[str, str, str]:
         """past_state as S [B,Hkv,F,Dv], z [B,Hkv,F,1], m [B,Hkv,F,1] (favor: -inf where z = 0; else 0);
         zeros without a past state."""
-        full = b.op("Concat", batch, kv_heads, num_features, b.op("Add", value_dim, b.ints(2)), axis=0)
-        if has_state:
-            state = b.op("Expand", b.op("Cast", "past_state", to=FLOAT), full)
-        else:
-            state = b.op("ConstantOfShape", full, value=helper.make_tensor("zero", FLOAT, [1], [0.0]))
-        end = b.op("Add", value_dim, b.ints(1))
-        s_past = b.op("Slice", state, b.ints(0), value_dim, b.ints(3))
-        z_past = b.op("Slice", state, value_dim, end, b.ints(3))
-        m_past = b.op("Slice", state, end, b.op("Add", value_dim, b.ints(2)), b.ints(3))
+        s_past, z_past, m_past = b.state_parts(has_state, batch, kv_heads, num_features, value_dim)
         if not favor:
             return s_past, z_past, b.op("Mul", z_past, b.const(0.0))  # m is 0 for these feature maps
         held = b.op("Greater", z_past, b.const(0.0))

@@ -150,15 +150,7 @@ def build_function(opset: int, variants: Iterable[Mapping[str, Any]], *, ml_opse
     logits = b.op("Where", visible, b.op("Add", peak, b.op("Log", total)), neg_inf)  # [B, Hkv, G, Sq, Skv]
 
     # The past state [B, Hkv, Dk, Dv+2] -> S [B,Hkv,Dk,Dv], z and m [B,Hkv,Dk,1]; z = 0: empty.
-    full_state = b.op("Concat", batch, kv_heads, head_dim, b.op("Add", value_dim, b.ints(2)), axis=0)
-    if has_state:
-        state = b.op("Expand", b.op("Cast", "past_state", to=FLOAT), full_state)
-    else:
-        state = b.op("ConstantOfShape", full_state, value=helper.make_tensor("zero", FLOAT, [1], [0.0]))
-    value_end = b.op("Add", value_dim, b.ints(1))
-    s_past = b.op("Slice", state, b.ints(0), value_dim, b.ints(3))
-    z_past = b.op("Slice", state, value_dim, value_end, b.ints(3))
-    m_past = b.op("Slice", state, value_end, b.op("Add", value_dim, b.ints(2)), b.ints(3))
+    s_past, z_past, m_past = b.state_parts(has_state, batch, kv_heads, head_dim, value_dim)
     held = b.op("Greater", z_past, zero)
     s_past = b.op("Where", held, s_past, zero)
     z_past = b.op("Where", held, z_past, zero)
