@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "common/qkv_inputs.h"
 #include "common/shape_inference.h"
 #include "cpu/kernels/lse_attention.h"
 #include "cpu/ops/tensor_io.h"
@@ -31,35 +32,10 @@ struct LseAttentionKernel {
   void Compute(OrtKernelContext* raw_context) {
     Ort::KernelContext ctx(raw_context);
     auto q = ctx.GetInput(kQ), k = ctx.GetInput(kK), v = ctx.GetInput(kV);
-    const auto q_shape = q.GetTensorTypeAndShapeInfo().GetShape();
-    const auto k_shape = k.GetTensorTypeAndShapeInfo().GetShape();
-    const auto v_shape = v.GetTensorTypeAndShapeInfo().GetShape();
-    const auto dtype = q.GetTensorTypeAndShapeInfo().GetElementType();
-    Require(q_shape.size() == 4 && k_shape.size() == 4 && v_shape.size() == 4,
-            "Q, K, V must be 4-D [B, H, S, D]; got Q " + ShapeString(q_shape) + ", K " + ShapeString(k_shape) +
-                ", V " + ShapeString(v_shape));
-    Require(k.GetTensorTypeAndShapeInfo().GetElementType() == dtype &&
-                v.GetTensorTypeAndShapeInfo().GetElementType() == dtype,
-            "Q, K and V must have the same element type");
 
     cpu::LseAttentionProblem p;
-    p.batch = q_shape[0];
-    p.q_heads = q_shape[1];
-    p.q_len = q_shape[2];
-    p.head_dim = q_shape[3];
-    p.kv_heads = k_shape[1];
-    p.kv_len = k_shape[2];
-    p.value_dim = v_shape[3];
-    Require(k_shape[0] == p.batch && v_shape[0] == p.batch, "Q, K, V batch sizes differ: Q " + ShapeString(q_shape) +
-                                                                 ", K " + ShapeString(k_shape) + ", V " + ShapeString(v_shape));
-    Require(k_shape[3] == p.head_dim, "K head dim " + std::to_string(k_shape[3]) + " != Q head dim " +
-                                          std::to_string(p.head_dim));
+    const auto dtype = ReadQkv(q, k, v, p);
     Require(p.head_dim > 0, "the head dim must be > 0");
-    Require(v_shape[1] == p.kv_heads && v_shape[2] == p.kv_len,
-            "V " + ShapeString(v_shape) + " does not match K " + ShapeString(k_shape) + " in heads or length");
-    Require(p.kv_heads > 0 && p.q_heads % p.kv_heads == 0,
-            "query heads (" + std::to_string(p.q_heads) + ") must be a multiple of kv heads (" +
-                std::to_string(p.kv_heads) + ")");
     p.scale = std::isnan(scale_) ? 1.0f / std::sqrt(static_cast<float>(p.head_dim)) : scale_;
     p.causal = causal_;
     p.parallelism = cpu::ParallelismHint();

@@ -10,20 +10,14 @@
 #include <vector>
 
 #include "common/op_base.h"
+#include "common/qkv_inputs.h"
 #include "cpu/kernels/convert.h"
 #include "cpu/kernels/kernel_api.h"
 
 namespace attnexport::cpu {
 
-inline std::string ShapeString(const std::vector<int64_t>& shape) {
-  std::string s = "[";
-  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
-  return s + "]";
-}
-
-inline void Require(bool condition, const std::string& message) {
-  if (!condition) throw InvalidArgument(message);
-}
+using attnexport::Require;      // common/qkv_inputs.h
+using attnexport::ShapeString;
 
 inline int64_t ElementCount(const std::vector<int64_t>& shape) {
   int64_t n = 1;

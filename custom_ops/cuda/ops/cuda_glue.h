@@ -12,19 +12,13 @@
 #include <vector>
 
 #include "common/op_base.h"
+#include "common/qkv_inputs.h"
 #include "cuda/kernels/entry.h"
 
 namespace attnexport::cuda_ops {
 
-inline std::string ShapeString(const std::vector<int64_t>& shape) {
-  std::string s = "[";
-  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
-  return s + "]";
-}
-
-inline void Require(bool condition, const std::string& message) {
-  if (!condition) throw InvalidArgument(message);
-}
+using attnexport::Require;      // common/qkv_inputs.h
+using attnexport::ShapeString;
 
 inline bool IsPresent(Ort::KernelContext& ctx, size_t index) {
   if (index >= ctx.GetInputCount()) return false;
