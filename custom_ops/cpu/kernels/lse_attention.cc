@@ -41,7 +41,7 @@ using simd::kWidth;
 using simd::Vec;
 
 #ifndef ATTNEXPORT_LSE_CHUNK
-#define ATTNEXPORT_LSE_CHUNK 64
+#define ATTNEXPORT_LSE_CHUNK 32
 #endif
 constexpr int64_t kChunk = ATTNEXPORT_LSE_CHUNK;  // causal chunk (keys and aligned queries)
 constexpr int64_t kKeyBlock = 64;    // keys per block when summing keys into a state
@@ -522,10 +522,16 @@ void CausalRows(const Plan& pl, int64_t b, int64_t hkv, int64_t q0, int64_t r0, 
       const int64_t last = i0 + rows;  // keys [0, last) reach this tile
       gemm::Rows<gemm::kStore>(pgg, i0, rows, RoundUp(last, kWidth), 0);
       for (int64_t rl = i0; rl < last; ++rl) {
+        // Keys after the row are masked out (zeroed up to the tile's last key, which the output
+        // product reads); the row's sum over the keys it sees joins the state's share a·z.
         float* prow = prows + rl * ldp;
-        for (int64_t c = rl + 1; c < last; ++c) prow[c] = 0.f;
-        float den = Dot(pgg.a1 + rl * dk, st.z, dk);
-        for (int64_t c = 0; c <= rl; ++c) den += prow[c];
+        const int64_t diag = rl / kWidth * kWidth;  // the vector holding the diagonal
+        Vec seen = simd::Zero();
+        for (int64_t c = 0; c < diag; c += kWidth) seen += simd::Load(prow + c);
+        const Vec edge = simd::KeepFirst(simd::Load(prow + diag), rl + 1 - diag);
+        simd::Store(prow + diag, edge);
+        for (int64_t c = diag + kWidth; c < last; c += kWidth) simd::Store(prow + c, simd::Zero());
+        const float den = Dot(pgg.a1 + rl * dk, st.z, dk) + simd::Sum(seen + edge);
         inv[rl] = den > 0.f ? 1.f / den : 0.f;
       }
       gemm::Rows<gemm::kScaleStore>(out, i0, rows, pl.DvP, last);
