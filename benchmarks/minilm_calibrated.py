@@ -36,8 +36,9 @@ def variants(names: list[str], sparse_window: int, budgets: list[float]):
             yield "nystrom", "nystrom", MethodOptions(), {}
         elif name == "sparse":
             for budget in budgets:
-                yield (f"sparse (window {sparse_window} vs budget {budget:g})", "sparse", MethodOptions(window=sparse_window),
-                       {"budget": budget, "options": MethodOptions()})
+                yield (f"sparse + [CLS] global (window {sparse_window} vs budget {budget:g})", "sparse",
+                       MethodOptions(window=sparse_window, num_global=1),
+                       {"budget": budget, "options": MethodOptions(num_global=1)})
 
 
 def main() -> None:

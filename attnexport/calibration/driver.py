@@ -94,7 +94,8 @@ def calibrate(model_path: str | Path, output_path: str | Path, data: Calibration
                                f"'{method}' ({reasons}); nothing written")
     selected = [p.site for p in plan.selected]
     fit_batches, check_batches = data.split()
-    ctx_base = dict(fit_batches=fit_batches, search_batches=fit_batches[:SEARCH_BATCHES], check_batches=check_batches,
+    search = fit_batches[::max(1, len(fit_batches) // SEARCH_BATCHES)][:SEARCH_BATCHES]  # spread over the lengths
+    ctx_base = dict(fit_batches=fit_batches, search_batches=search, check_batches=check_batches,
                     budget=budget, threads=threads)
     started = time.perf_counter()
     fits: dict[int, SiteFit] = {}

@@ -80,7 +80,7 @@ def with_attributes(replacement: Replacement, **attributes) -> Replacement:
 
 
 # Logit temperatures tried (multipliers of the site's scale).
-TEMPERATURES = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5)
+TEMPERATURES = (0.25, 0.35, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0)
 
 
 def best_temperature(replacement: Replacement, site_scale: float, ctx: Context, site: int,
