@@ -195,7 +195,7 @@ def _window(text):
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", type=click.Path(dir_okay=False),
               help="Output path (default: MODEL.<method>.calibrated.onnx).")
-@click.option("--method", default="linear", show_default=True, help="Replacement method: linear, sparse or lse.")
+@click.option("--method", default="linear", show_default=True, help="Replacement method: linear, nystrom, sparse or lse.")
 @click.option("--data", "data_path", type=click.Path(exists=True, dir_okay=False),
               help="Calibration inputs: .npz of arrays named like the model's inputs, examples along axis 0.")
 @click.option("--texts", "texts_path", type=click.Path(exists=True, dir_okay=False),
@@ -212,8 +212,8 @@ def _window(text):
 @click.option("--global", "num_global", type=int, default=0, show_default=True,
               help="sparse: the first G positions attend and are attended everywhere.")
 @click.option("--budget", type=float,
-              help="Largest relative output error per site: sparse picks the smallest window within it (default "
-                   "0.05); favor the fewest features.")
+              help="Largest relative output error per site: sparse picks the smallest window within it, nystrom "
+                   "the fewest landmarks (default 0.05 for both); favor the fewest features.")
 @click.option("--layers", help="Sites to replace, e.g. 0,2,5-7 (default: all).")
 @click.option("--independent", is_flag=True,
               help="Fit every site on the original's inputs (default: each site sees the earlier sites replaced).")

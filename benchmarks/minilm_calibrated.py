@@ -47,7 +47,7 @@ def main() -> None:
     parser.add_argument("--calibration-passages", type=int, default=128)
     parser.add_argument("--evaluation-passages", type=int, default=0, help="0: the whole evaluation half")
     parser.add_argument("--sparse-window", type=int, default=32, help="the uncalibrated sparse conversion's window")
-    parser.add_argument("--budgets", default="0.05,0.02", help="sparse: relative output error budgets")
+    parser.add_argument("--budgets", default="0.2,0.1,0.05", help="sparse: relative output error budgets")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(RESULTS / "minilm_calibrated"))

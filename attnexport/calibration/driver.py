@@ -18,18 +18,18 @@ from pathlib import Path
 import numpy as np
 
 from attnexport import __version__, model_io, rewrite
-from attnexport.calibration import fit_favor, fit_feature_map, fit_lse, fit_sparse, fit_taylor2
+from attnexport.calibration import fit_favor, fit_feature_map, fit_lse, fit_nystrom, fit_sparse, fit_taylor2
 from attnexport.calibration.data import CalibrationData
 from attnexport.calibration.op_runner import library_available
 from attnexport.calibration.recording import Recording, copy_model
 from attnexport.calibration.search import Context, SiteFit
 from attnexport.errors import AttnExportError, NoAttentionError, UnsupportedError
 from attnexport.match import find_sites
-from attnexport.methods import MethodOptions, Replacement
+from attnexport.methods import MethodOptions, Replacement, get_method
 from attnexport.plan import Plan, SitePlan, make_plan
 
 METADATA_CALIBRATION = "attnexport.calibration"
-CALIBRATED_METHODS = ("linear", "sparse", "lse")
+CALIBRATED_METHODS = ("linear", "nystrom", "sparse", "lse")
 SEARCH_BATCHES = 4  # grid searches score candidates on this many fit batches
 
 
@@ -54,6 +54,8 @@ def _fitter(method: str, options: MethodOptions) -> Callable[[object, Replacemen
         return fit_lse.fit
     if method == "sparse":
         return fit_sparse.fit
+    if method == "nystrom":
+        return fit_nystrom.fit
     raise UnsupportedError(f"--method {method}: calibrate knows {', '.join(CALIBRATED_METHODS)}")
 
 
@@ -66,10 +68,8 @@ def calibrate(model_path: str | Path, output_path: str | Path, data: Calibration
     the calibrated model atomically to `output_path` (never over the input)."""
     say = progress or (lambda _: None)
     options = options or MethodOptions()
+    get_method(method)  # an unknown name gets the registry's message
     if method not in CALIBRATED_METHODS:
-        from attnexport.methods import get_method
-
-        get_method(method)  # an unknown name gets the registry's message
         raise UnsupportedError(f"--method {method}: calibrate knows {', '.join(CALIBRATED_METHODS)}")
     if budget is not None and not budget > 0:
         raise UnsupportedError(f"--budget {budget}: give a relative output error > 0 (e.g. 0.05)")
