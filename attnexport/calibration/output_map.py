@@ -8,8 +8,8 @@ least-squares problem per head. A map on the features would have to sit inside t
 of LinearAttention (a change of the op), and its fit is not linear in the parameters.
 
 The map is fitted as a correction of the identity, ridge-regularised towards it: minimise
-‖[ŷ 1] D − (y − ŷ)‖² + λ‖D‖², a tall system [[ŷ 1]; √λ I] D = [y − ŷ; 0] per head, solved column by
-column with the sketch-and-precondition solver (attnexport.linalg.sketch_solver).
+‖[ŷ 1] D − (y − ŷ)‖² + λ‖D‖², a tall system [[ŷ 1]; √λ I] D = [y − ŷ; 0] per head, solved with all Dv
+right-hand sides at once by the sketch-and-precondition solver (attnexport.linalg.sketch_solver).
 """
 
 from __future__ import annotations
@@ -64,16 +64,14 @@ def fit(y_hat: np.ndarray, y: np.ndarray, *, ridge: float = RIDGE, seed: int = 0
         lam = ridge * float(np.mean(np.sum(a * a, axis=0)))
         tall = np.concatenate([a, np.sqrt(lam) * np.eye(dv + 1)], axis=0)
         residual = np.concatenate([y[h] - y_hat[h], np.zeros((dv + 1, dv))], axis=0)
-        correction = np.zeros((dv + 1, dv))
-        for c in range(dv):
-            x, info = lstsq(tall, residual[:, c], seed=seed + c)
-            correction[:, c] = x
-            iterations += int(info.iterations)
-            worst_residual = max(worst_residual, float(info.residual))
-            converged &= bool(info.converged)
+        # All Dv columns share the matrix, hence the sketch and its preconditioner: one solve per head.
+        correction, info = lstsq(tall, residual, seed=seed + h)
+        iterations += int(info.iterations)
+        worst_residual = max(worst_residual, float(np.max(info.residual)))
+        converged &= bool(np.all(info.converged))
         weights[h] = np.eye(dv) + correction[:dv]
         biases[h, 0] = correction[dv]
-    stats = {"rows": int(n), "solves": heads * dv, "iterations": iterations, "converged": bool(converged)}
+    stats = {"rows": int(n), "solves": heads, "iterations": iterations, "converged": bool(converged)}
     return weights.astype(np.float32), biases.astype(np.float32), stats
 
 
