@@ -10,7 +10,7 @@ from attnexport.sites import AttentionSite
 
 # Heinsen's logit log Σ_d exp(q̃_d + k̃_d) is dominated by the largest term, so useful temperatures lie
 # further from 1 than a dot product's.
-LSE_TEMPERATURES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0)
+LSE_TEMPERATURES = tuple(2.0 ** (k / 2) for k in range(-8, 9))  # 1/16 .. 16
 
 
 def fit(site: AttentionSite, replacement: Replacement, ctx: Context) -> SiteFit:

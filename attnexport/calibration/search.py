@@ -79,14 +79,19 @@ def with_attributes(replacement: Replacement, **attributes) -> Replacement:
     return replace(replacement, attributes={**replacement.attributes, **attributes})
 
 
-# Logit temperatures tried (multipliers of the site's scale).
-TEMPERATURES = (0.25, 0.35, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0)
+# Logit temperatures tried (multipliers of the site's scale): a geometric grid, 1/4 .. 16 in steps of √2,
+# then the best one's neighbours at 2^±1/4.
+TEMPERATURES = tuple(2.0 ** (k / 2) for k in range(-4, 9))
 
 
 def best_temperature(replacement: Replacement, site_scale: float, ctx: Context, site: int,
                      temperatures=TEMPERATURES) -> tuple[Replacement, float, float]:
     """(replacement with the best scale, its multiplier, its search error)."""
-    scored = score_all([({"t": t}, with_attributes(replacement, scale=float(site_scale * t))) for t in temperatures],
-                       ctx.recording, site, ctx.search_batches, threads=ctx.threads)
-    top = min(scored, key=lambda s: s.error)
-    return top.replacement, top.label["t"], top.error
+    def score(ts):
+        return score_all([({"t": t}, with_attributes(replacement, scale=float(site_scale * t))) for t in ts],
+                         ctx.recording, site, ctx.search_batches, threads=ctx.threads)
+
+    coarse = min(score(temperatures), key=lambda s: s.error)
+    t = coarse.label["t"]
+    top = min([coarse, *score([t * 2 ** -0.25, t * 2 ** 0.25])], key=lambda s: s.error)
+    return top.replacement, round(top.label["t"], 4), top.error
