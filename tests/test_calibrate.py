@@ -219,3 +219,19 @@ def test_cli_errors(sharp_bert, calib_npz, tmp_path):
     assert_one_line_error(cli("calibrate", sharp_bert, "--data", calib_npz, "-o", sharp_bert, cwd=tmp_path),
                           "is the input model")
     assert not out.exists() and digest(sharp_bert) == before
+
+
+def test_texts_use_the_tokenizer_the_model_records(tmp_path):
+    """fidelity's MiniLM export names its tokenizer; --texts finds it without --tokenizer."""
+    from attnexport import fidelity
+    from attnexport.calibration.data import METADATA_TOKENIZER
+
+    original = fidelity.export_minilm(tmp_path / "minilm.onnx")
+    meta = {p.key: p.value for p in onnx.load(original, load_external_data=False).metadata_props}
+    assert meta[METADATA_TOKENIZER] == fidelity.TOKENIZER_NAME
+    texts = tmp_path / "calib.txt"
+    texts.write_text("\n".join(fidelity.sentences()[:24]) + "\n")
+    result = api.calibrate(original, tmp_path / "cal.onnx", method="sparse", texts=texts, layers="0", budget=0.3,
+                           batch_size=8)
+    assert result.record["examples"] == 24 and result.record["data"] == "texts:calib.txt"
+    assert set(result.fits) == {0} and result.fits[0].parameters["window"] >= 0
