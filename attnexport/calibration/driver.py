@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from attnexport import __version__, model_io, rewrite
+from attnexport import model_io, rewrite
 from attnexport.calibration import fit_favor, fit_feature_map, fit_lse, fit_nystrom, fit_sparse, fit_taylor2
 from attnexport.calibration.data import CalibrationData
 from attnexport.calibration.op_runner import library_available

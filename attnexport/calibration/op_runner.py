@@ -8,14 +8,13 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from attnexport.calibration.recording import SiteBatch
 from attnexport.errors import LibraryNotFoundError
 from attnexport.library import library_path
 from attnexport.methods import Replacement
 from attnexport.ops.functions import attach_functions
 from attnexport.ops.schema import DOMAIN, DOMAIN_VERSION
 from attnexport.runtime import create_session
-
-from attnexport.calibration.recording import SiteBatch
 
 OPSET = 18
 
