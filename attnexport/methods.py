@@ -54,6 +54,9 @@ class Replacement:
     exact: bool  # True when the replacement computes the original attention (up to round-off)
     # schema input name -> name of a graph value the op reads (e.g. attn_bias: the site's additive bias)
     value_inputs: dict[str, str] = field(default_factory=dict)
+    # A per-head affine map applied to the op's output Y [B, Hq, Sq, Dv]: Y @ weight + bias, with weight
+    # [Hq, Dv, Dv] and bias [Hq, 1, Dv] (fitted by `attnexport calibrate`); None: no map.
+    output_map: tuple[np.ndarray, np.ndarray] | None = None
 
 
 class Method:

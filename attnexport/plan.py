@@ -40,6 +40,8 @@ class SitePlan:
             out["attributes"] = {k: _jsonable(v) for k, v in self.replacement.attributes.items()}
             out["extra_inputs"] = {k: list(v.shape) for k, v in self.replacement.extra_inputs.items()}
             out["exact"] = self.replacement.exact
+            if self.replacement.output_map is not None:
+                out["output_map"] = list(self.replacement.output_map[0].shape)
         return out
 
 

@@ -248,7 +248,15 @@ def _replace_site(g: _Graph, site_plan: SitePlan) -> None:
     op = g.node(schema.name, ordered, replacement.attributes, domain=DOMAIN, stem=f"{stem}_{schema.name}",
                 num_outputs=outputs)
     new_nodes.append(op)
-    y, nodes = _from_bhsd(g, op.outputs[0], site.output_layout, stem)
+    y = op.outputs[0]
+    if replacement.output_map is not None:  # calibrated per-head affine map: Y @ W[h] + b[h]
+        weight, bias = replacement.output_map
+        matmul = g.node("MatMul", [y, g.initializer(f"{stem}_output_map_weight", weight)], stem=f"{stem}_output_map")
+        add = g.node("Add", [matmul.outputs[0], g.initializer(f"{stem}_output_map_bias", bias)],
+                     stem=f"{stem}_output_map_bias")
+        new_nodes += [matmul, add]
+        y = add.outputs[0]
+    y, nodes = _from_bhsd(g, y, site.output_layout, stem)
     new_nodes += nodes
 
     old = g.value(site.output)
