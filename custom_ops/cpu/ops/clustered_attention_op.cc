@@ -1,0 +1,146 @@
+// ONNX Runtime glue of ClusteredAttention (CPU): reads attributes and inputs, checks them (the same
+// one-line reasons as clustered_reference.check_clustered), stages float16 as float32, and runs the
+// ISA variant of the kernel on ORT's thread pool.
+#include <cmath>
+#include <string>
+
+#include "common/qkv_inputs.h"
+#include "common/shape_inference.h"
+#include "cpu/kernels/clustered_attention.h"
+#include "cpu/ops/tensor_io.h"
+#include "ops.h"
+
+namespace attnexport {
+namespace {
+
+using cpu::Require;
+using cpu::ShapeString;
+
+constexpr const char* kName = "ClusteredAttention";
+enum Input { kQ = 0, kK, kV, kKeyPaddingMask, kCentroids, kNumInputs };
+
+struct ClusteredAttentionKernel {
+  ClusteredAttentionKernel(const OrtApi&, const OrtKernelInfo* info) {
+    scale_ = FloatAttribute(info, "scale", std::nanf(""));
+    causal_ = IntAttribute(info, "causal", 0) != 0;
+    window_left_ = IntAttribute(info, "window_left", -1);
+    window_right_ = IntAttribute(info, "window_right", -1);
+    dilation_ = IntAttribute(info, "dilation", 1);
+    num_global_ = IntAttribute(info, "num_global", 0);
+    num_clusters_ = IntAttribute(info, "num_clusters", 32);
+    iterations_ = IntAttribute(info, "iterations", 10);
+    const std::string cluster = StringAttribute(info, "cluster", "keys");
+    Require(cluster == "keys" || cluster == "queries", "cluster='" + cluster + "' is not one of keys, queries");
+    queries_ = cluster == "queries";
+    Require(num_clusters_ >= 1, "num_clusters=" + std::to_string(num_clusters_) + ": must be >= 1");
+    Require(iterations_ >= 0, "iterations=" + std::to_string(iterations_) + ": must be >= 0");
+    Require(window_left_ >= -1 && window_right_ >= -1,
+            "window_left/window_right=" + std::to_string(window_left_) + "/" + std::to_string(window_right_) +
+                ": must be >= -1 (-1 = unbounded)");
+    Require(dilation_ >= 1, "dilation=" + std::to_string(dilation_) + ": must be >= 1");
+    Require(num_global_ >= 0, "num_global=" + std::to_string(num_global_) + ": must be >= 0");
+    Require(!queries_ || (!causal_ && window_left_ == -1 && window_right_ == -1 && dilation_ == 1 && num_global_ == 0),
+            "cluster='queries' is non-causal with no near pattern: causal, window_left, window_right, dilation and "
+            "num_global must stay at their defaults (0, -1, -1, 1, 0)");
+  }
+
+  void Compute(OrtKernelContext* raw_context) {
+    Ort::KernelContext ctx(raw_context);
+    auto q = ctx.GetInput(kQ), k = ctx.GetInput(kK), v = ctx.GetInput(kV);
+
+    cpu::ClusteredAttentionProblem p;
+    const auto dtype = ReadQkv(q, k, v, p);
+    p.scale = std::isnan(scale_) ? 1.0f / std::sqrt(static_cast<float>(p.head_dim)) : scale_;
+    p.causal = causal_;
+    p.window_left = window_left_;
+    p.window_right = window_right_;
+    p.dilation = dilation_;
+    p.num_global = num_global_;
+    p.num_clusters = num_clusters_;
+    p.iterations = iterations_;
+    p.cluster_queries = queries_;
+    p.parallelism = cpu::ParallelismHint();
+
+    const bool has_centroids = cpu::IsPresent(ctx, kCentroids);
+    Require(!(queries_ && has_centroids),
+            "cluster='queries' takes no centroids input (the queries are clustered per call)");
+    Require(queries_ || !causal_ || has_centroids,
+            "causal ClusteredAttention needs the centroids input [Hkv, M, Dk]: k-means over all keys would make a "
+            "query's output depend on later keys");
+
+    const cpu::ThreadPool pool = cpu::PoolOf(raw_context);
+    cpu::ScratchArena arena;
+    cpu::ClusteredAttentionTensors t;
+    t.q = cpu::AsFloat32(q, arena, pool);
+    t.k = cpu::AsFloat32(k, arena, pool);
+    t.v = cpu::AsFloat32(v, arena, pool);
+    if (cpu::IsPresent(ctx, kKeyPaddingMask)) {
+      auto mask = ctx.GetInput(kKeyPaddingMask);
+      const auto m_shape = mask.GetTensorTypeAndShapeInfo().GetShape();
+      Require(mask.GetTensorTypeAndShapeInfo().GetElementType() == ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL,
+              "key_padding_mask must be bool");
+      Require(m_shape.size() == 2 && m_shape[0] == p.batch && m_shape[1] == p.kv_len,
+              "key_padding_mask must be [B, Skv] = [" + std::to_string(p.batch) + ", " + std::to_string(p.kv_len) +
+                  "]; got " + ShapeString(m_shape));
+      t.key_padding_mask = mask.GetTensorData<bool>();
+    }
+    if (has_centroids) {
+      auto centroids = ctx.GetInput(kCentroids);
+      const auto c_shape = centroids.GetTensorTypeAndShapeInfo().GetShape();
+      Require(centroids.GetTensorTypeAndShapeInfo().GetElementType() == dtype, "centroids must have Q's element type");
+      const std::vector<int64_t> expected = {p.kv_heads, p.num_clusters, p.head_dim};
+      Require(c_shape == expected, "centroids have shape " + ShapeString(c_shape) +
+                                       ", expected [Hkv, num_clusters, Dk] = " + ShapeString(expected));
+      t.centroids = cpu::AsFloat32(centroids, arena, pool);
+    }
+
+    const std::vector<int64_t> y_shape = {p.batch, p.q_heads, p.q_len, p.value_dim};
+    auto y = ctx.GetOutput(0, y_shape);
+    const int64_t y_count = cpu::ElementCount(y_shape);
+    float* y32 = dtype == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT
+                     ? y.GetTensorMutableData<float>()
+                     : static_cast<float*>(arena.Allocate(static_cast<size_t>(y_count) * sizeof(float)));
+    t.y = y32;
+    if (y_count > 0) {
+      ATTNEXPORT_ISA_DISPATCH(ClusteredAttentionForward)(p, t, pool, arena.Handle());
+    }
+    if (dtype == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) {
+      uint16_t* out = reinterpret_cast<uint16_t*>(y.GetTensorMutableData<Ort::Float16_t>());
+      cpu::ConvertFloatToHalf(y32, out, static_cast<size_t>(y_count), pool);
+    }
+  }
+  ATTNEXPORT_COMPUTE_V2(kName)
+
+ private:
+  float scale_;
+  bool causal_, queries_;
+  int64_t window_left_, window_right_, dilation_, num_global_, num_clusters_, iterations_;
+};
+
+struct ClusteredAttentionOp : OpBase<ClusteredAttentionOp, ClusteredAttentionKernel> {
+  const char* GetName() const { return kName; }
+  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+  size_t GetInputTypeCount() const { return kNumInputs; }
+  ONNXTensorElementDataType GetInputType(size_t index) const {
+    return index == kKeyPaddingMask ? ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL : ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
+    return index >= kKeyPaddingMask ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED; }
+
+  // Y = [B, Hq, Sq, Dv] of Q's type: batch, heads and length of Q, value dim of V.
+  static OrtStatusPtr InferShapes(OrtShapeInferContext* ctx) {
+    return InferOutputFromInputs(ctx, 0, kQ, {{kQ, 0}, {kQ, 1}, {kQ, 2}, {kV, 3}}, kName);
+  }
+};
+
+}  // namespace
+
+const OrtCustomOp* ClusteredAttentionCpuOp() {
+  static const ClusteredAttentionOp op;
+  return &op;
+}
+
+}  // namespace attnexport
