@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULTS / "minilm_clustered"))
     args = parser.parse_args()
     windows = [int(w) for w in args.windows.split(",")]
-    clusters = [int(m) for m in args.clusters.split(",")]
+    clusters = [int(m) for m in args.clusters.split(",") if m.strip()]  # none: the window-alone rows only
     sets = text_sets(args.sets.split(","))
 
     configs = [("sparse", w, None) for w in windows] + [("clustered", w, m) for w in windows for m in clusters]
