@@ -246,8 +246,8 @@ class ClusteredMethod(Method):
         if options.causal_only and not site.mask.causal:
             return "not causal (--causal-only)"
         if site.mask.causal and centroids_key(site) not in (options.centroids or {}):
-            return (f"causal: k-means over all keys would let a query see later tokens; give fitted centres "
-                    f"(--centroids FILE.npz with an array {centroids_key(site)!r} [Hkv, M, Dk])")
+            return ("causal: k-means over all keys would let a query see later tokens; give fitted centres "
+                    "(--centroids FILE.npz, an array site<i> [Hkv, M, Dk] per site #i)")
         return None
 
     def replacement(self, site: AttentionSite, options: MethodOptions) -> Replacement:
