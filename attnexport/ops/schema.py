@@ -185,3 +185,43 @@ SPARSE_ATTENTION = OpSchema(
 
 SCHEMAS: dict[str, OpSchema] = {LINEAR_ATTENTION.name: LINEAR_ATTENTION, SPARSE_ATTENTION.name: SPARSE_ATTENTION}
 SCHEMAS[LSE_ATTENTION.name] = LSE_ATTENTION
+
+CLUSTERED_ATTENTION = OpSchema(
+    name="ClusteredAttention",
+    doc=(
+        "cluster=keys: exact softmax over a near pattern N(i) (SparseAttention's window / dilation / num_global / causal "
+        "/ key_padding_mask, no random blocks) and every other key visible to query i replaced by the centre mu_c of its "
+        "cluster: y_i = (sum_{j in N(i)} e^{s q_i.k_j} v_j + sum_c e^{s q_i.mu_c} sum_{j in F_c(i)} v_j) / "
+        "(sum_{j in N(i)} e^{s q_i.k_j} + sum_c |F_c(i)| e^{s q_i.mu_c}), F_c(i) the far keys of i in cluster c, one "
+        "normaliser, max-stabilised over the terms present; a row with nothing visible gives 0. Clusters per (batch, kv "
+        "head): deterministic k-means over the visible keys in position order (unscaled vectors, squared Euclidean "
+        "distance, ties to the lowest index): centre c starts at visible key floor(c * n_v / M), then `iterations` times "
+        "assign every key to its nearest centre and move each centre to its keys' mean (an empty cluster keeps its "
+        "centre), then assign once more. The centroids input [Hkv, M, Dk] replaces the k-means (assignment to the nearest "
+        "given centroid); causal=1 requires it. cluster=queries (fast-transformers' clustered attention, non-causal, "
+        "pattern attributes at their defaults, no centroids input): per (batch, query head) the Sq queries are clustered by "
+        "the same k-means, each centre attends exactly (softmax over the visible keys) and each query gets its centre's row."
+    ),
+    inputs=(
+        InputSpec("Q", "[B, Hq, Sq, Dk]"),
+        InputSpec("K", "[B, Hkv, Skv, Dk]"),
+        InputSpec("V", "[B, Hkv, Skv, Dv]"),
+        InputSpec("key_padding_mask", "[B, Skv] bool, true = attend", optional=True),
+        InputSpec("centroids", "[Hkv, M, Dk] of Q's type: fixed key centres (M = num_clusters); needed when causal",
+                  optional=True),
+    ),
+    outputs=(InputSpec("Y", "[B, Hq, Sq, Dv]"),),
+    attributes=(
+        SCALE,
+        CAUSAL,
+        AttributeSpec("window_left", "int", -1, "near window: keys up to this many positions before i'; -1 = unbounded"),
+        AttributeSpec("window_right", "int", -1, "near window: keys up to this many positions after i'; -1 = unbounded"),
+        AttributeSpec("dilation", "int", 1, "near window keys are those with (j - i') % dilation == 0 (>= 1)"),
+        AttributeSpec("num_global", "int", 0, "the first num_global positions are near to every position and see all"),
+        AttributeSpec("num_clusters", "int", 32, "M, clusters per (batch, kv head) (keys) or (batch, query head) (queries); >= 1"),
+        AttributeSpec("iterations", "int", 10, "Lloyd iterations of the k-means (>= 0; unused with the centroids input)"),
+        AttributeSpec("cluster", "string", "keys", "keys: exact near part + clustered far keys; queries: clustered queries",
+                      ("keys", "queries")),
+    ),
+)
+SCHEMAS[CLUSTERED_ATTENTION.name] = CLUSTERED_ATTENTION
