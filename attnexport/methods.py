@@ -245,6 +245,8 @@ class ClusteredMethod(Method):
     def skipped(self, site: AttentionSite, options: MethodOptions) -> str | None:
         if options.causal_only and not site.mask.causal:
             return "not causal (--causal-only)"
+        if site.mask.causal and options.cluster == "queries":
+            return "causal: query clustering (--cluster queries) is defined for bidirectional attention only"
         if site.mask.causal and centroids_key(site) not in (options.centroids or {}):
             return ("causal: k-means over all keys would let a query see later tokens; give fitted centres "
                     "(--centroids FILE.npz, an array site<i> [Hkv, M, Dk] per site #i)")
@@ -255,6 +257,13 @@ class ClusteredMethod(Method):
 
         causal = site.mask.causal
         window = options.window
+        if options.cluster == "queries":
+            # fast-transformers' clustered attention: every key exact for each query centre, no near pattern.
+            if (window not in (None, -1) or options.dilation != 1 or options.num_global
+                    or options.centroids):
+                raise UnsupportedError("--cluster queries has no near pattern or fixed centres: drop --window, "
+                                       "--dilation, --global and --centroids")
+            window = -1
         if window is None or window < -1:
             raise UnsupportedError("--method clustered needs --window W (a size >= 0, or 'full')")
         if options.dilation < 1 or options.num_global < 0:
@@ -286,6 +295,7 @@ class ClusteredMethod(Method):
             cluster=options.cluster,
         )
         # Every visible key is in the near part: the centres are never used, plain softmax attention.
+        # (Query clustering also has window -1, but shares one row among a cluster's queries.)
         exact = window < 0 and options.dilation == 1 and options.cluster == "keys"
         return Replacement(CLUSTERED_ATTENTION, attributes, extra, exact=exact)
 

@@ -87,9 +87,14 @@ def test_window_covering_the_sequence_is_exact(zoo_model, tmp_path):
 
 def test_query_clustering_converts(zoo_model, tmp_path):
     path = zoo_model("bert", "torchscript17")
-    result = _convert(path, tmp_path / "queries.onnx", window=2, num_clusters=4, cluster="queries")
-    assert result.plan.selected[0].replacement.attributes["cluster"] == "queries"
+    result = _convert(path, tmp_path / "queries.onnx", num_clusters=4, cluster="queries")
+    a = result.plan.selected[0].replacement.attributes
+    assert (a["cluster"], a["window_left"], a["window_right"], a["num_global"]) == ("queries", -1, -1, 0)
     assert not result.plan.exact
+    with pytest.raises(UnsupportedError, match="--cluster queries has no near pattern"):
+        _convert(path, tmp_path / "q2.onnx", window=2, num_clusters=4, cluster="queries")
+    with pytest.raises(NoAttentionError, match="query clustering"):
+        _convert(zoo_model("gpt2", "dynamo18"), tmp_path / "q3.onnx", num_clusters=4, cluster="queries")
     report = api.verify(path, result.output_path, seq_len=24, tolerance=10.0)
     assert report.passed and max(c.kernel_vs_function["rel"] for c in report.comparisons) < 1e-4
 
