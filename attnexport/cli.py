@@ -114,11 +114,20 @@ def inspect(model, inputs_path, as_json):
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of random draws (favor, sparse random blocks), recorded.")
 @click.option("--eps", type=float, default=1e-6, show_default=True, help="Added to linear attention's normaliser.")
-@click.option("--window", help="sparse: one-sided window W (2W+1 keys, W+1 on causal sites) or 'full' "
-              "(default: the site's own pattern).")
-@click.option("--dilation", type=int, default=1, show_default=True, help="sparse: every D-th key of the window.")
+@click.option("--window", help="sparse, clustered: one-sided window W (2W+1 keys, W+1 on causal sites) or 'full' "
+              "(sparse's default: the site's own pattern; clustered needs it).")
+@click.option("--dilation", type=int, default=1, show_default=True,
+              help="sparse, clustered: every D-th key of the window.")
 @click.option("--global", "num_global", type=int, default=0, show_default=True,
-              help="sparse: the first G positions attend and are attended everywhere.")
+              help="sparse, clustered: the first G positions attend and are attended everywhere.")
+@click.option("--clusters", "num_clusters", type=int,
+              help="clustered: k-means clusters per (batch, kv head) standing in for the keys outside the window.")
+@click.option("--iterations", type=int, default=10, show_default=True, help="clustered: Lloyd iterations of k-means.")
+@click.option("--cluster", "cluster", default="keys", show_default=True, type=click.Choice(["keys", "queries"]),
+              help="clustered: cluster the far keys, or the queries (fast-transformers' clustered attention).")
+@click.option("--centroids", "centroids_path", type=click.Path(exists=True, dir_okay=False),
+              help="clustered: fitted centres (.npz), array 'site<i>' [kv heads, clusters, head dim] for site #i of "
+                   "`attnexport inspect`; needed by causal sites, used as fixed centres where given.")
 @click.option("--random-blocks", type=int, default=0, show_default=True,
               help="sparse: BigBird random key blocks per query block (needs --block-size).")
 @click.option("--block-size", type=int, default=0, show_default=True, help="sparse: block size of the random blocks.")
@@ -133,7 +142,8 @@ def inspect(model, inputs_path, as_json):
 @click.option("--dry-run", is_flag=True, help="Print the plan; write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def convert(model, output, method, feature_map, expansion_point, num_features, seed, eps, window, dilation, num_global,
-            random_blocks, block_size, causal_only, layers, min_seq_len, inputs_path, recurrent, dry_run, as_json):
+            num_clusters, iterations, cluster, centroids_path, random_blocks, block_size, causal_only, layers,
+            min_seq_len, inputs_path, recurrent, dry_run, as_json):
     """Replace the softmax attention of MODEL and write the converted model."""
     from attnexport.api import convert as run_convert
     from attnexport.methods import MethodOptions
@@ -141,7 +151,8 @@ def convert(model, output, method, feature_map, expansion_point, num_features, s
     options = MethodOptions(feature_map=feature_map, expansion_point=expansion_point, eps=eps,
                             num_features=num_features, seed=seed, window=_window(window), dilation=dilation,
                             num_global=num_global, random_blocks=random_blocks, block_size=block_size,
-                            causal_only=causal_only)
+                            causal_only=causal_only, num_clusters=num_clusters, iterations=iterations,
+                            cluster=cluster, centroids=_centroids(centroids_path))
     status = err_console.status("converting", spinner="dots") if not as_json else None
     if status:
         status.start()
@@ -170,6 +181,21 @@ def convert(model, output, method, feature_map, expansion_point, num_features, s
         console.print("dry run: nothing written")
     else:
         console.print(f"replaced {result.replaced} of {len(result.sites)} sites → {result.output_path}")
+
+
+def _centroids(path):
+    """--centroids: the arrays of an .npz file by name; None when not given."""
+    if path is None:
+        return None
+    import numpy as np
+
+    from attnexport.errors import UnsupportedError
+
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {name: data[name] for name in data.files}
+    except (OSError, ValueError) as e:
+        raise UnsupportedError(f"--centroids {path}: not a readable .npz file ({e})") from None
 
 
 def _window(text):

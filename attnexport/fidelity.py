@@ -30,6 +30,7 @@ import numpy as np
 from attnexport.runtime import create_session
 
 MAX_TOKENS = 256  # all-MiniLM-L6-v2's max_seq_length (sentence_bert_config.json)
+MAX_POSITIONS = 512  # its max_position_embeddings: the longest input the encoder can read at all
 
 
 def minilm_dir() -> Path:
@@ -158,6 +159,22 @@ def passages(min_tokens: int = 128, max_tokens: int = MAX_TOKENS, holdout: str =
             current, count = [], 2
     even, odd = out[0::2], out[1::2]
     return Passages(calibration=even, evaluation=odd) if holdout == "odd" else Passages(calibration=odd, evaluation=even)
+
+
+def joined(texts: list[str], min_tokens: int = MAX_POSITIONS) -> list[str]:
+    """Long inputs made from consecutive `texts` (in their order), joined until each has at least
+    `min_tokens` tokens ([CLS]/[SEP] included); an incomplete last group is dropped, so every input is
+    cut at exactly `min_tokens` when embedded with max_tokens=min_tokens. Deterministic: the same texts
+    give the same inputs."""
+    counts = [len(ids) for ids in tokenizer()(texts, add_special_tokens=False)["input_ids"]]
+    out, current, count = [], [], 2
+    for text, tokens in zip(texts, counts):
+        current.append(text)
+        count += tokens
+        if count >= min_tokens:
+            out.append(" ".join(current))
+            current, count = [], 2
+    return out
 
 
 # -- embedding and metrics ------------------------------------------------------------------------

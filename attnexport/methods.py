@@ -41,6 +41,12 @@ class MethodOptions:
     random_blocks: int = 0
     block_size: int = 0
     causal_only: bool = False
+    # clustered: k-means clusters per (batch, kv head), Lloyd iterations, what is clustered, and fitted
+    # centres per site (key "site<i>", i = the site's # in `attnexport inspect`; [Hkv, M, Dk] each)
+    num_clusters: int | None = None
+    iterations: int = 10
+    cluster: str = "keys"
+    centroids: dict[str, np.ndarray] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -216,7 +222,106 @@ class LseMethod(Method):
         return Replacement(LSE_ATTENTION, attributes, {}, exact=False)
 
 
-METHODS: dict[str, Method] = {m.name: m for m in (LinearMethod(), SparseMethod(), LseMethod())}
+class ClusteredMethod(Method):
+    """ClusteredAttention: exact softmax over SparseAttention's near pattern (--window W one-sided, --global G,
+    --dilation), every other visible key counted as the centre of its k-means cluster (--clusters M,
+    --iterations I; --cluster queries: fast-transformers' query clustering instead).
+
+    Non-causal sites fit their centres at run time, per (batch, kv head). A causal site would let a query see
+    later keys through those centres, so it needs fitted ones (--centroids FILE.npz, array "site<i>" of shape
+    [Hkv, M, Dk] for site #i) and is left alone without them. Exact when the window covers every key
+    (--window full, key clustering)."""
+
+    name = "clustered"
+
+    def unsupported(self, site: AttentionSite) -> str | None:
+        kind = site.mask.kind
+        if kind in (MASK_NONE, MASK_CAUSAL, MASK_KEY_PADDING, MASK_CAUSAL_KEY_PADDING):
+            return None
+        if kind == MASK_BIAS:
+            return "the logits carry an additive position bias, which ClusteredAttention cannot add (use --method sparse)"
+        if kind == MASK_WINDOW:
+            return ("the mask is a sliding window: the model never sees the keys outside it, and a clustered far "
+                    "field would add them (use --method sparse)")
+        return f"unsupported mask: {site.mask.detail or kind}"
+
+    def skipped(self, site: AttentionSite, options: MethodOptions) -> str | None:
+        if options.causal_only and not site.mask.causal:
+            return "not causal (--causal-only)"
+        if site.mask.causal and options.cluster == "queries":
+            return "causal: query clustering (--cluster queries) is defined for bidirectional attention only"
+        if site.mask.causal and centroids_key(site) not in (options.centroids or {}):
+            return ("causal: k-means over all keys would let a query see later tokens; give fitted centres "
+                    "(--centroids FILE.npz, an array site<i> [Hkv, M, Dk] per site #i)")
+        return None
+
+    def replacement(self, site: AttentionSite, options: MethodOptions) -> Replacement:
+        from attnexport.ops.schema import CLUSTERED_ATTENTION  # (its own branch adds the op)
+
+        causal = site.mask.causal
+        window = options.window
+        if options.cluster == "queries":
+            # fast-transformers' clustered attention: every key exact for each query centre, no near pattern.
+            if (window not in (None, -1) or options.dilation != 1 or options.num_global
+                    or options.centroids):
+                raise UnsupportedError("--cluster queries has no near pattern or fixed centres: drop --window, "
+                                       "--dilation, --global and --centroids")
+            window = -1
+        if window is None or window < -1:
+            raise UnsupportedError("--method clustered needs --window W (a size >= 0, or 'full')")
+        if options.dilation < 1 or options.num_global < 0:
+            raise UnsupportedError("--dilation must be >= 1 and --global >= 0")
+        if options.iterations < 0:
+            raise UnsupportedError(f"--iterations {options.iterations}: give a count >= 0")
+        if options.cluster not in ("keys", "queries"):
+            raise UnsupportedError(f"--cluster {options.cluster}: give keys or queries")
+        extra = {}
+        clusters = options.num_clusters
+        given = (options.centroids or {}).get(centroids_key(site))
+        if given is not None:
+            given = _checked_centroids(site, given, clusters)
+            clusters = given.shape[1]
+            extra["centroids"] = given
+        if clusters is None or clusters < 1:
+            raise UnsupportedError("--method clustered needs --clusters M (>= 1)" if clusters is None else
+                                   f"--clusters {clusters}: give a count >= 1")
+        left = -1 if window < 0 else window
+        attributes = CLUSTERED_ATTENTION.complete_attributes(
+            scale=site.scale,
+            causal=int(causal),
+            window_left=left,
+            window_right=0 if causal else left,
+            dilation=options.dilation,
+            num_global=options.num_global,
+            num_clusters=clusters,
+            iterations=options.iterations,
+            cluster=options.cluster,
+        )
+        # Every visible key is in the near part: the centres are never used, plain softmax attention.
+        # (Query clustering also has window -1, but shares one row among a cluster's queries.)
+        exact = window < 0 and options.dilation == 1 and options.cluster == "keys"
+        return Replacement(CLUSTERED_ATTENTION, attributes, extra, exact=exact)
+
+
+def centroids_key(site: AttentionSite) -> str:
+    """The name of a site's array in a --centroids file."""
+    return f"site{site.index}"
+
+
+def _checked_centroids(site: AttentionSite, array: np.ndarray, clusters: int | None) -> np.ndarray:
+    key = centroids_key(site)
+    expected = (site.num_kv_heads, site.head_dim)
+    if array.ndim != 3 or (array.shape[0], array.shape[2]) != expected or array.shape[1] < 1:
+        raise UnsupportedError(f"--centroids {key}: shape {list(array.shape)}, site {site.index} needs "
+                               f"[{expected[0]}, M, {expected[1]}] (Hkv, clusters, head dim)")
+    if clusters is not None and array.shape[1] != clusters:
+        raise UnsupportedError(f"--centroids {key} has {array.shape[1]} clusters, --clusters says {clusters}")
+    if not np.issubdtype(array.dtype, np.floating) or not np.all(np.isfinite(array)):
+        raise UnsupportedError(f"--centroids {key}: needs finite floating-point values")
+    return np.ascontiguousarray(array, dtype=np.dtype(site.dtype) if site.dtype else np.float32)
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (LinearMethod(), SparseMethod(), LseMethod(), ClusteredMethod())}
 
 
 def get_method(name: str) -> Method:

@@ -60,9 +60,19 @@ class Plan:
         return all(s.replacement.exact for s in self.selected)
 
     def to_json(self) -> str:
-        options = {k: v for k, v in asdict(self.options).items() if v not in (None, {}, "")}
+        options = {k: _option_json(v) for k, v in asdict(self.options).items() if v is not None and not
+                   (isinstance(v, (dict, str)) and not v)}
         return json.dumps({"method": self.method, "options": options, "sites": [s.summary() for s in self.sites]},
                           indent=None, separators=(",", ":"))
+
+
+def _option_json(value: Any) -> Any:
+    """Arrays among the options (clustered's --centroids) are recorded by shape, not by value."""
+    if isinstance(value, np.ndarray):
+        return {"shape": list(value.shape)}
+    if isinstance(value, dict):
+        return {k: _option_json(v) for k, v in value.items()}
+    return value
 
 
 def parse_layers(spec: str | None, count: int) -> set[int] | None:
