@@ -186,6 +186,8 @@ EDGE_CASES = {
                                        attrs=attrs(causal=1, window_left=3, num_clusters=3)),
     "causal_centroids_huge": Case(q_len=20, kv_len=20, centroids=True, magnitude=80.0,
                                   attrs=attrs(causal=1, window_left=2, num_clusters=4)),
+    "causal_sq_gt_skv_globals": Case(q_len=19, kv_len=8, centroids=True, mask=True,
+                                     attrs=attrs(causal=1, window_left=2, num_global=2, num_clusters=3)),
     "centroids_non_causal": Case(q_len=16, kv_len=16, centroids=True, mask=True,
                                  attrs=attrs(window_left=2, window_right=2, num_clusters=3)),
     "long_ragged": Case(batch=1, q_heads=2, kv_heads=1, q_len=203, kv_len=203, head_dim=16, value_dim=12, mask=True,

@@ -10,14 +10,16 @@
 //    the checkpoint below and at most kCheck more keys, and a non-causal row the full totals.
 // 3. Query tiles of kTq rows, handed out through an atomic counter (heaviest first). A tile reads the
 //    key strips its rows' near sets reach (the global strip and the union of the windows; every key
-//    for global rows), S = Q Kᵀ and C = Q μᵀ by the micro-kernel. Rows in position order, each:
-//      advance the running totals T_c, n_c to the keys it sees (causal: j <= i');
-//      near keys (the exact pattern and padding) keep their logits, and tally near_c per cluster;
-//      far count f_c = n_c - near_c (exact, integers): cluster c is present iff f_c > 0;
+//    for global rows), S = Q Kᵀ and C = Q μᵀ by the micro-kernel, and the base totals B_c, n_c of
+//    the keys its first row sees (a checkpoint plus < kCheck keys). Then row by row:
+//      n_c grows by the keys this row sees beyond the base (causal: j <= i', inside the tile's strips);
+//      near keys (runs of the pattern, minus padding) keep their logits and are tallied per cluster;
+//      far count f_c = n_c - near_c (exact integers): cluster c is present iff f_c > 0;
 //      m = max(near logits, present centre logits); E_c = e^{s q·μ_c - m} for present c, else 0;
-//      P_j = e^{s q·k_j - m} - E_{a(j)} for near j (the near keys' share taken off their cluster);
-//      O = Σ_c E_c T_c (row by row) + P V (the micro-kernel, whole tile), l = Σ_near e^{..} + Σ_c E_c f_c.
-//    Cost O(n · (near + M) · d).
+//      P_j = [near] e^{s q·k_j - m} + ([seen beyond the base] - [near]) E_{a(j)}, so that
+//      P V + E B = Σ_near e^{..} v_j + Σ_c E_c (T_c - near share_c), the far sums as totals minus
+//      the near keys' share; l = Σ_near e^{..} + Σ_c E_c f_c.
+//    O = E B + P V by the micro-kernel for the whole tile. Cost O(n · (near + M) · d).
 // cluster=queries runs step 1 over each head's queries, then each centre attends over every visible
 // key through the same tile code (global rows: all keys near, no clusters), and every query copies
 // its centre's row.
