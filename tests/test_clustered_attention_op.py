@@ -9,6 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import json
+import os
+import subprocess
+import sys
+
 import numpy as np
 import onnx
 import pytest
@@ -181,6 +186,8 @@ EDGE_CASES = {
                                        attrs=attrs(causal=1, window_left=3, num_clusters=3)),
     "causal_centroids_huge": Case(q_len=20, kv_len=20, centroids=True, magnitude=80.0,
                                   attrs=attrs(causal=1, window_left=2, num_clusters=4)),
+    "causal_sq_gt_skv_globals": Case(q_len=19, kv_len=8, centroids=True, mask=True,
+                                     attrs=attrs(causal=1, window_left=2, num_global=2, num_clusters=3)),
     "centroids_non_causal": Case(q_len=16, kv_len=16, centroids=True, mask=True,
                                  attrs=attrs(window_left=2, window_right=2, num_clusters=3)),
     "long_ragged": Case(batch=1, q_heads=2, kv_heads=1, q_len=203, kv_len=203, head_dim=16, value_dim=12, mask=True,
@@ -188,6 +195,15 @@ EDGE_CASES = {
     "long_causal_centroids": Case(batch=1, q_heads=2, kv_heads=2, q_len=150, kv_len=170, head_dim=16, value_dim=16,
                                   centroids=True, mask=True, attrs=attrs(causal=1, window_left=40, dilation=3,
                                                                          num_global=2, num_clusters=6)),
+    # Past the kernel's checkpoints of the per-cluster totals (every 256 positions) and its 48-row tiles.
+    "checkpoints_causal": Case(batch=1, q_heads=2, kv_heads=1, q_len=700, kv_len=700, head_dim=16, value_dim=8,
+                               centroids=True, mask=True, attrs=attrs(causal=1, window_left=20, num_global=1,
+                                                                      num_clusters=9)),
+    "checkpoints_decode": Case(batch=2, q_heads=2, kv_heads=2, q_len=3, kv_len=900, head_dim=8, value_dim=8,
+                               centroids=True, attrs=attrs(causal=1, window_left=30, dilation=2, num_clusters=7)),
+    "checkpoints_non_causal": Case(batch=1, q_heads=4, kv_heads=2, q_len=600, kv_len=611, head_dim=16, value_dim=20,
+                                   mask=True, attrs=attrs(window_left=16, window_right=16, num_global=2,
+                                                          num_clusters=24, iterations=6)),
     "queries": Case(q_len=21, kv_len=17, mask=True, attrs=attrs(cluster="queries", num_clusters=5)),
     "queries_gqa_padded": Case(q_heads=8, kv_heads=2, q_len=30, kv_len=12, mask=True, pad_all=True,
                                attrs=attrs(cluster="queries", num_clusters=6, iterations=2)),
@@ -378,3 +394,27 @@ def test_wrong_centroid_shape_is_refused(shape):
         session(build(case), with_library=True).run(None, feeds)
     with pytest.raises(Exception):
         session(build(case), with_library=False).run(None, feeds)
+
+
+_ISA_SCRIPT = r"""
+import json, sys
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+import test_clustered_attention_op as t
+errors = []
+for case in list(t.EDGE_CASES.values()) + t.random_cases(12, seed=7):
+    feeds = case.feeds()
+    y = t.session(t.build(case), with_library=True).run(None, feeds)[0]
+    errors.append(t.relative_error(y, case.reference(feeds)))
+print(json.dumps(max(errors)))
+"""
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
+def test_every_isa_variant_agrees(isa):
+    # ATTNEXPORT_CPU_ISA caps the variant (a cap above what the CPU has runs the best it has).
+    env = dict(os.environ, ATTNEXPORT_CPU_ISA=isa)
+    out = subprocess.run([sys.executable, "-P", "-c", _ISA_SCRIPT, os.path.dirname(__file__)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) < 2e-5

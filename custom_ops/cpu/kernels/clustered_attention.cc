@@ -10,14 +10,16 @@
 //    the checkpoint below and at most kCheck more keys, and a non-causal row the full totals.
 // 3. Query tiles of kTq rows, handed out through an atomic counter (heaviest first). A tile reads the
 //    key strips its rows' near sets reach (the global strip and the union of the windows; every key
-//    for global rows), S = Q Kᵀ and C = Q μᵀ by the micro-kernel. Rows in position order, each:
-//      advance the running totals T_c, n_c to the keys it sees (causal: j <= i');
-//      near keys (the exact pattern and padding) keep their logits, and tally near_c per cluster;
-//      far count f_c = n_c - near_c (exact, integers): cluster c is present iff f_c > 0;
+//    for global rows), S = Q Kᵀ and C = Q μᵀ by the micro-kernel, and the base totals B_c, n_c of
+//    the keys its first row sees (a checkpoint plus < kCheck keys). Then row by row:
+//      n_c grows by the keys this row sees beyond the base (causal: j <= i', inside the tile's strips);
+//      near keys (runs of the pattern, minus padding) keep their logits and are tallied per cluster;
+//      far count f_c = n_c - near_c (exact integers): cluster c is present iff f_c > 0;
 //      m = max(near logits, present centre logits); E_c = e^{s q·μ_c - m} for present c, else 0;
-//      P_j = e^{s q·k_j - m} - E_{a(j)} for near j (the near keys' share taken off their cluster);
-//      O = Σ_c E_c T_c (row by row) + P V (the micro-kernel, whole tile), l = Σ_near e^{..} + Σ_c E_c f_c.
-//    Cost O(n · (near + M) · d).
+//      P_j = [near] e^{s q·k_j - m} + ([seen beyond the base] - [near]) E_{a(j)}, so that
+//      P V + E B = Σ_near e^{..} v_j + Σ_c E_c (T_c - near share_c), the far sums as totals minus
+//      the near keys' share; l = Σ_near e^{..} + Σ_c E_c f_c.
+//    O = E B + P V by the micro-kernel for the whole tile. Cost O(n · (near + M) · d).
 // cluster=queries runs step 1 over each head's queries, then each centre attends over every visible
 // key through the same tile code (global rows: all keys near, no clusters), and every query copies
 // its centre's row.
@@ -161,6 +163,7 @@ struct Context {
   const float* q;        // [B, Hq, rows, Dk] the rows that attend
   const float* kt;       // per (batch, kv head): [strips][Dk][kStrip] Kᵀ, zero past Skv
   int64_t kt_head;       // floats per (batch, kv head)
+  int64_t key_strips;    // strips of Kᵀ per (batch, kv head)
   const float* v;        // [B, Hkv, Skv, ldv] (padded with zero columns)
   int64_t ldv;
   const bool* mask;      // [B, Skv] or null
@@ -179,22 +182,34 @@ struct Context {
 
 struct TaskScratch {
   float* s;          // [kTq, max_width] logits, then weights P
-  int32_t* near;     // [kTq, max_width] cluster of each near visible key, -1 (not near) or -2 (near, no cluster)
   int64_t* strips;   // [max_width / kStrip] the strips the tile reads
-  float* c;          // [kTq, m_pad] centre logits
+  int64_t* strip_column;  // [strips of Kᵀ] first column of S of each strip the tile reads
+  float* c;          // [kTq, m_pad] centre logits, then E
   float* o;          // [kTq, ldv] unnormalised output
   float* l;          // [kTq] normalisers
   float* sums;       // [m, ldv] running per-cluster totals
   int32_t* counts;   // [m] running counts
   int32_t* near_count;  // [m]
-  float* e;          // [m] E_c of the row
+  float* logits;     // [max_width] one row of near logits being built
+  float* far;        // [m_pad] far keys per cluster of the row, f_c (0 past m)
 };
 
-// Is key j near to the query at position pos (key padding and causality aside)?
-ATTNEXPORT_INLINE bool Near(const Context& c, int64_t pos, int64_t j, bool dense) {
-  if (dense || j < c.num_global || (pos >= 0 && pos < c.num_global)) return true;
-  const int64_t offset = j - pos;
-  return offset >= -c.wl && offset <= c.wr && offset % c.dilation == 0;
+ATTNEXPORT_INLINE int64_t FloorDiv(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+
+// The keys j < stop near to the query at position pos (the pattern; padding aside) as runs
+// fn(first, end, step) of keys first, first + step, ... < end, disjoint and increasing: the global
+// keys, then the window's keys, stepping by the dilation; every key for dense or global rows.
+template <typename Fn>
+ATTNEXPORT_INLINE void ForEachNearRun(const Context& c, int64_t pos, int64_t stop, bool dense, Fn&& fn) {
+  if (dense || (pos >= 0 && pos < c.num_global)) {
+    if (stop > 0) fn(int64_t{0}, stop, int64_t{1});
+    return;
+  }
+  const int64_t globals = Min(c.num_global, stop);
+  if (globals > 0) fn(int64_t{0}, globals, int64_t{1});
+  const int64_t lo = Max(pos - c.wl, globals), hi = Min(pos + c.wr + 1, stop);
+  const int64_t first = pos - FloorDiv(pos - lo, c.dilation) * c.dilation;  // the first j >= lo on the dilation grid
+  if (first < hi) fn(first, hi, c.dilation);
 }
 
 // The strips of Kᵀ the rows of a tile reach (sorted, each once); returns how many.
@@ -227,18 +242,15 @@ int64_t TileStrips(const Context& c, const Tile& tile, int64_t* strips) {
   return count;
 }
 
-// Running per-cluster totals of the visible keys j < target, from the checkpoint below `target`
-// or from where they are (upto) when that is closer.
-void AdvanceTotals(const Context& c, int64_t bkv, int64_t target, int64_t& upto, const TaskScratch& w) {
+// The per-cluster totals of V and counts of the visible keys j < target: the checkpoint below
+// `target` plus at most kCheck keys.
+void TotalsBelow(const Context& c, int64_t bkv, int64_t target, const TaskScratch& w) {
   const int32_t* assign = c.assign + bkv * c.kv_len;
   const float* v = c.v + bkv * c.kv_len * c.ldv;
-  if (upto < 0 || target < upto || target - upto > kCheck) {
-    const int64_t check = target / kCheck;
-    std::memcpy(w.sums, c.check_sums + (bkv * c.checks + check) * c.m * c.ldv, sizeof(float) * c.m * c.ldv);
-    std::memcpy(w.counts, c.check_counts + (bkv * c.checks + check) * c.m, sizeof(int32_t) * c.m);
-    upto = check * kCheck;
-  }
-  for (; upto < target; ++upto) {
+  const int64_t check = target / kCheck;
+  std::memcpy(w.sums, c.check_sums + (bkv * c.checks + check) * c.m * c.ldv, sizeof(float) * c.m * c.ldv);
+  std::memcpy(w.counts, c.check_counts + (bkv * c.checks + check) * c.m, sizeof(int32_t) * c.m);
+  for (int64_t upto = check * kCheck; upto < target; ++upto) {
     const int32_t a = assign[upto];
     if (a < 0) continue;
     float* sum = w.sums + a * c.ldv;
@@ -261,6 +273,8 @@ void ProcessTile(const Context& c, int64_t b, int64_t h, const Tile& tile, const
   const int32_t* assign = c.m ? c.assign + bkv * c.kv_len : nullptr;
   const int64_t num_strips = TileStrips(c, tile, w.strips);
   const int64_t width = num_strips * kStrip;
+  for (int64_t s = 0; s < num_strips; ++s) w.strip_column[w.strips[s]] = s * kStrip;
+  auto column = [&](int64_t j) { return w.strip_column[j / kStrip] + j % kStrip; };
 
   // S = Q Kᵀ over the strips, C = Q μᵀ.
   for (int64_t s = 0; s < num_strips; ++s) {
@@ -276,50 +290,72 @@ void ProcessTile(const Context& c, int64_t b, int64_t h, const Tile& tile, const
   }
   if (c.m) CentreProducts(q, rows, dk, c.centres_t + bkv * dk * c.m_pad, c.m_pad, w.c);
 
-  int64_t upto = -1;
+  // The tile's base totals B: the keys the first row sees. A later (causal) row also sees the keys
+  // [base_stop, stop), all inside the tile's strips: they count in n_c and their far share goes
+  // into P (below), so that O = P V + E B for the whole tile.
+  auto seen_below = [&](int64_t r) { return c.causal ? Min(c.kv_len, Max(tile.begin + r + c.shift + 1, 0)) : c.kv_len; };
+  const int64_t base_stop = seen_below(0);
+  if (c.m) TotalsBelow(c, bkv, base_stop, w);
+  int64_t counted = base_stop;
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t pos = tile.begin + r + c.shift;
-    const int64_t stop = c.causal ? Min(c.kv_len, Max(pos + 1, 0)) : c.kv_len;  // keys j < stop are seen
+    const int64_t stop = seen_below(r);  // keys j < stop are seen
     float* srow = w.s + r * c.max_width;
-    int32_t* nrow = w.near + r * c.max_width;
-    float* orow = w.o + r * c.ldv;
     if (c.m) {
-      AdvanceTotals(c, bkv, stop, upto, w);
+      for (; counted < stop; ++counted) {
+        if (!mask || mask[counted]) ++w.counts[assign[counted]];
+      }
       std::memset(w.near_count, 0, sizeof(int32_t) * c.m);
     }
-    // Near logits (exact pattern, padding, causality); -inf elsewhere.
+    // Near logits (the pattern, padding, causality), scaled; -inf elsewhere. Within a run of keys
+    // the columns of S are consecutive (a run lies inside one span of consecutive strips).
+    const Vec neg_inf = simd::Splat(kNegInf), scale = simd::Splat(p.scale);
+    Vec top_v = neg_inf;
     float top = kNegInf;
-    for (int64_t s = 0; s < num_strips; ++s) {
-      const int64_t j0 = w.strips[s] * kStrip;
-      for (int64_t k = 0; k < kStrip; ++k) {
-        const int64_t j = j0 + k;
-        const bool near = j < stop && (!mask || mask[j]) && Near(c, pos, j, tile.dense);
-        if (!near) {
-          srow[s * kStrip + k] = kNegInf;
-          nrow[s * kStrip + k] = -1;
-          continue;
+    for (int64_t k = 0; k < width; k += kWidth) simd::Store(w.logits + k, neg_inf);
+    ForEachNearRun(c, pos, stop, tile.dense, [&](int64_t first, int64_t end, int64_t step) {
+      const int64_t col = column(first);
+      if (step == 1 && !mask) {
+        int64_t k = 0;
+        for (; k + kWidth <= end - first; k += kWidth) {
+          const Vec x = simd::Load(srow + col + k) * scale;
+          simd::Store(w.logits + col + k, x);
+          top_v = x > top_v ? x : top_v;
         }
-        const float x = srow[s * kStrip + k] * p.scale;
-        srow[s * kStrip + k] = x;
+        for (; k < end - first; ++k) {
+          const float x = srow[col + k] * p.scale;
+          w.logits[col + k] = x;
+          top = x > top ? x : top;
+        }
+        if (assign) {
+          for (int64_t j = first; j < end; ++j) ++w.near_count[assign[j]];
+        }
+        return;
+      }
+      for (int64_t j = first, k = 0; j < end; j += step, k += step) {
+        if (mask && !mask[j]) continue;
+        const float x = srow[col + k] * p.scale;
+        w.logits[col + k] = x;
         top = x > top ? x : top;
-        const int32_t a = assign ? assign[j] : -2;
-        nrow[s * kStrip + k] = a;
-        if (a >= 0) ++w.near_count[a];
+        if (assign) ++w.near_count[assign[j]];
       }
-    }
-    // Present clusters (far keys left in them) and their logits.
+    });
+    top = simd::MaxLane(top_v) > top ? simd::MaxLane(top_v) : top;
+    std::memcpy(srow, w.logits, sizeof(float) * width);
+    // Present clusters (far keys left in them, f_c = n_c - near_c > 0) and their logits.
     float* crow = w.c + r * c.m_pad;
-    for (int64_t cl = 0; cl < c.m; ++cl) {
-      if (w.counts[cl] - w.near_count[cl] > 0) {
-        crow[cl] *= p.scale;
-        top = crow[cl] > top ? crow[cl] : top;
-      } else {
-        crow[cl] = kNegInf;
-      }
+    for (int64_t cl = 0; cl < c.m_pad; ++cl) {
+      w.far[cl] = cl < c.m ? static_cast<float>(w.counts[cl] - w.near_count[cl]) : 0.f;
     }
-    std::memset(orow, 0, sizeof(float) * c.ldv);
+    for (int64_t cl = 0; cl < c.m_pad; cl += kWidth) {
+      const Vec far_v = simd::Load(w.far + cl);
+      const Vec x = far_v > 0.f ? simd::Load(crow + cl) * scale : neg_inf;
+      simd::Store(crow + cl, x);
+      top = simd::MaxLane(x) > top ? simd::MaxLane(x) : top;
+    }
     if (top == kNegInf) {  // nothing visible: no weight, row 0
       for (int64_t k = 0; k < width; ++k) srow[k] = 0.f;
+      for (int64_t cl = 0; cl < c.m_pad; ++cl) crow[cl] = 0.f;
       w.l[r] = 0.f;
       continue;
     }
@@ -330,31 +366,48 @@ void ProcessTile(const Context& c, int64_t b, int64_t h, const Tile& tile, const
       total += e;
       simd::Store(srow + k, e);
     }
-    float l = simd::Sum(total);
-    for (int64_t cl = 0; cl < c.m; ++cl) {
-      if (crow[cl] == kNegInf) {
-        w.e[cl] = 0.f;
-        continue;
-      }
-      const float e = simd::ExpNonPositive(simd::Splat(crow[cl] - top))[0];
-      w.e[cl] = e;
-      l += e * static_cast<float>(w.counts[cl] - w.near_count[cl]);
-      const Vec ev = simd::Splat(e);
-      const float* sum = w.sums + cl * c.ldv;
-      for (int64_t d = 0; d < c.ldv; d += kWidth) simd::Store(orow + d, simd::Load(orow + d) + ev * simd::Load(sum + d));
+    // E_c = e^{s q·μ_c - m} (0 for absent clusters), kept in the row of C for O += E B; l += Σ_c E_c f_c.
+    for (int64_t cl = 0; cl < c.m_pad; cl += kWidth) {
+      const Vec e = simd::ExpNonPositive(simd::Load(crow + cl) - mv);
+      simd::Store(crow + cl, e);
+      total += e * simd::Load(w.far + cl);
     }
-    if (c.m) {  // the near keys' share comes off their cluster's far term
-      for (int64_t k = 0; k < width; ++k) {
-        if (nrow[k] >= 0) srow[k] -= w.e[nrow[k]];
+    const float l = simd::Sum(total);
+    if (c.m) {
+      // Keys seen beyond the base totals count at their centre's weight; the near keys' share comes
+      // off their cluster's far term (a near key beyond the base: both, net 0).
+      for (int64_t j = base_stop; j < stop; ++j) {
+        if (!mask || mask[j]) srow[column(j)] += crow[assign[j]];
       }
+      ForEachNearRun(c, pos, stop, tile.dense, [&](int64_t first, int64_t end, int64_t step) {
+        float* prow = srow + column(first) - first;
+        for (int64_t j = first; j < end; j += step) {
+          if (!mask || mask[j]) prow[j] -= crow[assign[j]];
+        }
+      });
     }
     w.l[r] = l;
   }
-  // O += P V, strip by strip (keys past Skv have no row of V).
-  for (int64_t s = 0; s < num_strips; ++s) {
+  if (c.m) {
+    gemm::Product eb;
+    eb.k1 = c.m;
+    eb.a1 = w.c;
+    eb.lda1 = c.m_pad;
+    eb.b1 = w.sums;
+    eb.ldb1 = c.ldv;
+    eb.c = w.o;
+    eb.ldc = c.ldv;
+    gemm::Run<gemm::kStore>(eb, rows, c.ldv);
+  } else {
+    std::memset(w.o, 0, sizeof(float) * rows * c.ldv);
+  }
+  // O = E B (the far terms of the base totals) + P V, one product per run of consecutive strips (keys past Skv have no row of V).
+  for (int64_t s = 0, run = 1; s < num_strips; s += run) {
+    run = 1;
+    while (s + run < num_strips && w.strips[s + run] == w.strips[s] + run) ++run;
     const int64_t j0 = w.strips[s] * kStrip;
     gemm::Product pv;
-    pv.k1 = Min(kStrip, c.kv_len - j0);
+    pv.k1 = Min(run * kStrip, c.kv_len - j0);
     pv.a1 = w.s + s * kStrip;
     pv.lda1 = c.max_width;
     pv.b1 = v + j0 * c.ldv;
@@ -390,9 +443,9 @@ void RunTiles(const Context& c, const ThreadPool& pool, const Scratch& scratch, 
   // Wide tiles (unbounded windows, global rows) hold a long row of logits: fewer tasks then.
   const int64_t tasks = Min(total, Max(1, parallelism) * (c.max_width > 8192 ? 1 : 4));
   const size_t floats = static_cast<size_t>(kTq * c.max_width + kTq * Max(c.m_pad, 1) + kTq * c.ldv + kTq +
-                                            Max(c.m, 1) * c.ldv + Max(c.m, 1));
-  const size_t ints = static_cast<size_t>(kTq * c.max_width + 2 * Max(c.m, 1));
-  const size_t longs = static_cast<size_t>(c.max_width / kStrip + 1);
+                                            Max(c.m, 1) * c.ldv + 2 * Max(c.m_pad, 1) + c.max_width);
+  const size_t ints = static_cast<size_t>(2 * Max(c.m, 1));
+  const size_t longs = static_cast<size_t>(c.max_width / kStrip + 1 + c.key_strips);
   float* fbuf = scratch.Get<float>(floats * tasks);
   int32_t* ibuf = scratch.Get<int32_t>(ints * tasks);
   int64_t* lbuf = scratch.Get<int64_t>(longs * tasks);
@@ -405,12 +458,12 @@ void RunTiles(const Context& c, const ThreadPool& pool, const Scratch& scratch, 
     w.o = w.c + kTq * Max(c.m_pad, 1);
     w.l = w.o + kTq * c.ldv;
     w.sums = w.l + kTq;
-    w.e = w.sums + Max(c.m, 1) * c.ldv;
-    int32_t* i = ibuf + ints * index;
-    w.near = i;
-    w.counts = w.near + kTq * c.max_width;
+    w.far = w.sums + Max(c.m, 1) * c.ldv;
+    w.logits = w.far + Max(c.m_pad, 1);
+    w.counts = ibuf + ints * index;
     w.near_count = w.counts + Max(c.m, 1);
     w.strips = lbuf + longs * index;
+    w.strip_column = w.strips + c.max_width / kStrip + 1;
     for (;;) {
       const int64_t item = __atomic_fetch_add(&next, 1, __ATOMIC_RELAXED);
       if (item >= total) break;
@@ -444,6 +497,7 @@ void ClusteredAttentionForward(const ClusteredAttentionProblem& p, const Cluster
   // Kᵀ per (batch, kv head) in strips of kStrip keys, zero past Skv; V padded to whole vectors.
   const int64_t strips = RoundUp(p.kv_len, kStrip) / kStrip;
   c.kt_head = strips * dk * kStrip;
+  c.key_strips = strips;
   float* kt = scratch.Get<float>(static_cast<size_t>(bh_kv * c.kt_head));
   c.ldv = RoundUp(dv, kWidth);
   float* vp = scratch.Get<float>(static_cast<size_t>(bh_kv * p.kv_len * c.ldv));
