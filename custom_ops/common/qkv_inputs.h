@@ -55,4 +55,17 @@ ONNXTensorElementDataType ReadQkv(const Ort::ConstValue& q, const Ort::ConstValu
   return dtype;
 }
 
+// The key_padding_mask input [B, Skv] bool every op takes, checked against the problem read by ReadQkv;
+// returns its data (host or device memory, as the provider keeps it).
+template <class Problem>
+const bool* ReadKeyPaddingMask(const Ort::ConstValue& mask, const Problem& p) {
+  const auto m_shape = mask.GetTensorTypeAndShapeInfo().GetShape();
+  Require(mask.GetTensorTypeAndShapeInfo().GetElementType() == ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL,
+          "key_padding_mask must be bool");
+  Require(m_shape.size() == 2 && m_shape[0] == p.batch && m_shape[1] == p.kv_len,
+          "key_padding_mask must be [B, Skv] = [" + std::to_string(p.batch) + ", " + std::to_string(p.kv_len) +
+              "]; got " + ShapeString(m_shape));
+  return mask.GetTensorData<bool>();
+}
+
 }  // namespace attnexport

@@ -47,14 +47,7 @@ struct LseAttentionCudaKernel {
     b.k = k.GetTensorRawData();
     b.v = v.GetTensorRawData();
     if (cuda_ops::IsPresent(ctx, kKeyPaddingMask)) {
-      auto mask = ctx.GetInput(kKeyPaddingMask);
-      const auto m_shape = mask.GetTensorTypeAndShapeInfo().GetShape();
-      Require(mask.GetTensorTypeAndShapeInfo().GetElementType() == ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL,
-              "key_padding_mask must be bool");
-      Require(m_shape.size() == 2 && m_shape[0] == p.batch && m_shape[1] == p.kv_len,
-              "key_padding_mask must be [B, Skv] = [" + std::to_string(p.batch) + ", " + std::to_string(p.kv_len) +
-                  "]; got " + ShapeString(m_shape));
-      b.mask = mask.GetTensorData<bool>();
+      b.mask = ReadKeyPaddingMask(ctx.GetInput(kKeyPaddingMask), p);
     }
     const std::vector<int64_t> state_shape = {p.batch, p.kv_heads, p.head_dim, p.value_dim + 2};
     if (cuda_ops::IsPresent(ctx, kPastState)) {
