@@ -18,6 +18,8 @@
 #include <cmath>
 #include <cstring>
 
+#include "cpu/kernels/simd.h"
+
 namespace attnexport::cpu::ATTNEXPORT_ISA {
 namespace {
 
@@ -27,9 +29,12 @@ constexpr int kLsqrMaxIterations = 50;
 inline int64_t Min(int64_t a, int64_t b) { return a < b ? a : b; }
 inline int64_t Max(int64_t a, int64_t b) { return a > b ? a : b; }
 
-float Dot(const float* a, const float* b, int64_t n) {
-  float s = 0.f;
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+float Dot(const float* a, const float* b, int64_t n) {  // vectorised: the compiler may not reorder a float sum
+  simd::Vec acc = simd::Zero();
+  int64_t i = 0;
+  for (; i + simd::kWidth <= n; i += simd::kWidth) acc += simd::Load(a + i) * simd::Load(b + i);
+  float s = simd::Sum(acc);
+  for (; i < n; ++i) s += a[i] * b[i];
   return s;
 }
 
@@ -340,14 +345,14 @@ void SolveNewtonSchulz(const double* m, int64_t rq, int64_t ck, const double* b,
 }
 
 struct Buffers {
-  float *lk, *lq, *logits, *norms;
+  float *lk, *lq, *logits, *norms, *xf;
   int64_t* index;
   double *sums, *counts, *weights, *kernel, *rhs, *x, *work;
 };
 
 int64_t FloatsPerTask(const NystromAttentionProblem& p, int64_t padded) {
   const int64_t n = Max(p.q_len, p.kv_len);
-  return 2 * padded * p.head_dim + Max(n, padded) + padded;
+  return 2 * padded * p.head_dim + Max(n, padded) + padded + padded * p.value_dim;
 }
 
 int64_t DoublesPerTask(const NystromAttentionProblem& p, int64_t padded) {
@@ -399,16 +404,18 @@ void RunItem(const NystromAttentionProblem& p, const NystromAttentionTensors& t,
         SolveNewtonSchulz(s.kernel, rq, ck, s.rhs, dv, p.newton_iterations, s.x, s.work);
         break;
     }
-    // Y = softmax(s Q L_kᵀ) X, row by row.
+    // Y = softmax(s Q L_kᵀ) X, row by row (X in float32, rows accumulated along Dv: vectorised).
+    for (int64_t i = 0; i < ck * dv; ++i) s.xf[i] = static_cast<float>(s.x[i]);
     for (int64_t i = 0; i < p.q_len; ++i) {
       const float* qi = queries + i * dk;
       for (int64_t l = 0; l < ck; ++l) s.logits[l] = p.scale * Dot(qi, s.lk + l * dk, dk);
       SoftmaxInto(s.logits, ck, s.weights);
       float* yi = out + i * dv;
-      for (int64_t e = 0; e < dv; ++e) {
-        double acc = 0.0;
-        for (int64_t l = 0; l < ck; ++l) acc += s.weights[l] * s.x[l * dv + e];
-        yi[e] = static_cast<float>(acc);
+      for (int64_t e = 0; e < dv; ++e) yi[e] = 0.f;
+      for (int64_t l = 0; l < ck; ++l) {
+        const float w = static_cast<float>(s.weights[l]);
+        const float* xrow = s.xf + l * dv;
+        for (int64_t e = 0; e < dv; ++e) yi[e] += w * xrow[e];
       }
     }
   }
@@ -434,6 +441,7 @@ void NystromAttentionForward(const NystromAttentionProblem& p, const NystromAtte
     s.lq = s.lk + padded * p.head_dim;
     s.logits = s.lq + padded * p.head_dim;
     s.norms = s.logits + Max(n, padded);
+    s.xf = s.norms + padded;
     s.index = index_pool + i * Max(p.kv_len, 1);
     s.sums = double_pool + i * doubles;
     s.counts = s.sums + padded * p.head_dim;
