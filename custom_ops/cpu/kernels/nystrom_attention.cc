@@ -7,9 +7,10 @@
 // Cost O((Sq + n_v) · m · D) per head plus the m x m solve: linear in the sequence.
 //
 // The solvers (nystrom_attention.py has the definitions):
-//   sketch: the stacked tall system A = [M; √ridge·I] preconditioned by its R factor (the sketch of a
-//     system of at most 2m rows is the identity, as attnexport.linalg.lstsq does with sketch_size ≥ rows),
-//     started at the QR solution and refined by LSQR on A R⁻¹ to a relative 1e-10.
+//   sketch: the stacked tall system A = [M; √ridge·I] preconditioned by its R factor, started at the QR
+//     solution and refined by LSQR on A R⁻¹ to a relative 1e-10. The kernel never sketches: the system has
+//     at most 2m rows (a few hundred), which is the identity sketch attnexport.linalg.lstsq takes whenever
+//     its 8·m_k sketch rows reach the system's rows (it may sketch when m_q > 7·m_k; same solution).
 //   direct: Cholesky of MᵀM + ridge·I (the normal equations).
 //   newton_schulz: Nyströmformer's iteration, Z₀ = Mᵀ / (|M|₁ |M|∞).
 // Items are split into contiguous ranges, one task per range, each with its own scratch.
