@@ -79,7 +79,13 @@ class _Preconditioner:
         # A sketch with as many rows as A saves nothing: factor A itself (S = I).
         self.sketch = None if s >= n else sparse_sign_embedding(s, n, seed=seed)
         sketched = A if self.sketch is None else np.asarray(self.sketch @ A)
-        q, r = np.linalg.qr(sketched)
+        # LAPACK's Householder QR. Of a real sketch R only (forming Q would double the cost; the start
+        # uses the semi-normal equations); of A itself (S = I, the small square kernel systems) Q too,
+        # so that the start is the backward-stable QR solution and LSQR has little left to do.
+        if self.sketch is None:
+            self.q, r = np.linalg.qr(sketched)
+        else:
+            self.q, r = None, np.linalg.qr(sketched, mode="r")
         rcond = 10.0 * max(sketched.shape) * np.finfo(np.float64).eps if rcond is None else rcond
         diag = np.abs(np.diag(r))
         self.triangular = bool(diag.size and diag.max() > 0 and diag.min() > rcond * diag.max())
@@ -88,12 +94,13 @@ class _Preconditioner:
             # spin on busy machines, 16 ms for a 64 x 64 solve; any N with A N well conditioned is a
             # valid preconditioner, and LSQR's answer x = N y is checked by its own residual.
             self.map = np.triu(np.linalg.solve(r, np.eye(p)))
-            self.q = q
         else:
             u, sigma, vt = np.linalg.svd(r)
             keep = sigma > rcond * (sigma[0] if sigma.size else 0.0)
             self.map = vt[keep].T / sigma[keep]  # V_r Σ_r⁻¹
-            self.q = q @ u[:, keep]
+            if self.q is not None:  # start at the truncated-SVD solution V_r Σ_r⁻¹ U_rᵀ Qᵀ b
+                self.q = self.q @ u[:, keep]
+        self.sketched = sketched
         self.rank = p if self.triangular else int(self.map.shape[1])
 
     def apply(self, y: np.ndarray) -> np.ndarray:  # N y
@@ -103,8 +110,12 @@ class _Preconditioner:
         return self.map.T @ z
 
     def sketch_and_solve(self, b: np.ndarray) -> np.ndarray:
+        """argmin ‖S A x − S b‖: R⁻¹ Qᵀ b when Q was formed, else by the semi-normal equations
+        N Nᵀ (SA)ᵀ S b (N Nᵀ = (RᵀR)⁺); a start that LSQR corrects."""
+        if self.q is not None:
+            return self.apply(self.q.T @ b)
         sb = b if self.sketch is None else np.asarray(self.sketch @ b)
-        return self.apply(self.q.T @ sb)
+        return self.apply(self.apply_t(self.sketched.T @ sb))
 
 
 def _safe_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
