@@ -9,6 +9,7 @@ const OrtCustomOp* LinearAttentionCpuOp();
 const OrtCustomOp* SparseAttentionCpuOp();
 const OrtCustomOp* LseAttentionCpuOp();
 const OrtCustomOp* ClusteredAttentionCpuOp();
+const OrtCustomOp* NystromAttentionCpuOp();
 
 #if defined(ATTNEXPORT_WITH_CUDA)
 // CUDA kernels (cuda/*.cu)

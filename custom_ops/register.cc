@@ -23,6 +23,7 @@ void CreateDomain() {
       attnexport::SparseAttentionCpuOp(),
       attnexport::LseAttentionCpuOp(),
       attnexport::ClusteredAttentionCpuOp(),
+      attnexport::NystromAttentionCpuOp(),
 #if defined(ATTNEXPORT_WITH_CUDA)
       attnexport::LinearAttentionCudaOp(),
       attnexport::SparseAttentionCudaOp(),
