@@ -18,7 +18,7 @@ import pytest
 
 from attnexport import api
 from attnexport.calibration import METADATA_CALIBRATION
-from attnexport.methods import MethodOptions, favor_projection
+from attnexport.methods import METHODS, MethodOptions, favor_projection
 from attnexport.runtime import create_session
 
 SEQ = 40
@@ -81,6 +81,8 @@ def digest(path: Path) -> str:
 
 
 CASES = [("linear", "elu1"), ("linear", "relu"), ("linear", "taylor2"), ("linear", "favor"), ("lse", None)]
+if "nystrom" in METHODS:  # NystromAttention comes from its own branch
+    CASES.append(("nystrom", None))
 
 
 @pytest.mark.parametrize(("method", "feature_map"), CASES, ids=[f"{m}-{f}" if f else m for m, f in CASES])
@@ -111,6 +113,8 @@ def test_calibration_lowers_the_held_out_error(sharp_bert, calib_npz, tmp_path, 
             assert attributes["scale"] == pytest.approx(params["scale"], rel=1e-6)
         if feature_map == "taylor2":
             assert attributes["expansion_point"].decode() == params["expansion_point"]
+        if method == "nystrom":
+            assert attributes["num_landmarks"] == params["num_landmarks"]
         if feature_map == "favor":  # the chosen draw is the projection initializer
             projection = initializers[op.input[4]]
             expected = favor_projection(8, params["num_features"], seed=params["seed"])
