@@ -123,6 +123,13 @@ def inspect(model, inputs_path, as_json):
               help="sparse: BigBird random key blocks per query block (needs --block-size).")
 @click.option("--block-size", type=int, default=0, show_default=True, help="sparse: block size of the random blocks.")
 @click.option("--causal-only", is_flag=True, help="sparse: replace causal sites only.")
+@click.option("--landmarks", "num_landmarks", type=int, default=64, show_default=True,
+              help="nystrom: landmarks per head (>= the number of keys: exact).")
+@click.option("--landmark-method", default="segment_means", show_default=True,
+              type=click.Choice(["segment_means", "kmeans"]), help="nystrom: how landmarks are chosen.")
+@click.option("--solver", default="sketch", show_default=True, type=click.Choice(["sketch", "newton_schulz", "direct"]),
+              help="nystrom: how the landmark system is solved.")
+@click.option("--ridge", type=float, default=1e-2, show_default=True, help="nystrom: ridge of the landmark system.")
 @click.option("--layers", help="Sites to replace, e.g. 0,2,5-7 (default: all).")
 @click.option("--min-seq-len", type=int, help="Keep sites whose static sequence length is shorter.")
 @click.option("--inputs", "inputs_path", type=click.Path(exists=True, dir_okay=False),
@@ -133,7 +140,8 @@ def inspect(model, inputs_path, as_json):
 @click.option("--dry-run", is_flag=True, help="Print the plan; write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def convert(model, output, method, feature_map, expansion_point, num_features, seed, eps, window, dilation, num_global,
-            random_blocks, block_size, causal_only, layers, min_seq_len, inputs_path, recurrent, dry_run, as_json):
+            random_blocks, block_size, causal_only, num_landmarks, landmark_method, solver, ridge, layers, min_seq_len,
+            inputs_path, recurrent, dry_run, as_json):
     """Replace the softmax attention of MODEL and write the converted model."""
     from attnexport.api import convert as run_convert
     from attnexport.methods import MethodOptions
@@ -141,7 +149,8 @@ def convert(model, output, method, feature_map, expansion_point, num_features, s
     options = MethodOptions(feature_map=feature_map, expansion_point=expansion_point, eps=eps,
                             num_features=num_features, seed=seed, window=_window(window), dilation=dilation,
                             num_global=num_global, random_blocks=random_blocks, block_size=block_size,
-                            causal_only=causal_only)
+                            causal_only=causal_only, num_landmarks=num_landmarks, landmarks=landmark_method,
+                            solver=solver, ridge=ridge)
     status = err_console.status("converting", spinner="dots") if not as_json else None
     if status:
         status.start()

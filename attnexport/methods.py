@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from attnexport.errors import UnsupportedError
-from attnexport.ops.schema import LINEAR_ATTENTION, LSE_ATTENTION, SPARSE_ATTENTION, OpSchema
+from attnexport.ops.schema import LINEAR_ATTENTION, LSE_ATTENTION, NYSTROM_ATTENTION, SPARSE_ATTENTION, OpSchema
 from attnexport.sites import (
     MASK_BIAS,
     MASK_CAUSAL,
@@ -41,6 +41,11 @@ class MethodOptions:
     random_blocks: int = 0
     block_size: int = 0
     causal_only: bool = False
+    # nystrom: landmarks per head, how they are chosen, the landmark-system solver and its ridge
+    num_landmarks: int = 64
+    landmarks: str = "segment_means"
+    solver: str = "sketch"
+    ridge: float = 1e-2
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -216,7 +221,39 @@ class LseMethod(Method):
         return Replacement(LSE_ATTENTION, attributes, {}, exact=False)
 
 
-METHODS: dict[str, Method] = {m.name: m for m in (LinearMethod(), SparseMethod(), LseMethod())}
+class NystromMethod(Method):
+    """NystromAttention: Nyströmformer's landmark approximation, non-causal sites only (a landmark
+    averages future tokens). Exact when --landmarks is at least the number of keys (up to the ridge)."""
+
+    name = "nystrom"
+
+    def unsupported(self, site: AttentionSite) -> str | None:
+        kind = site.mask.kind
+        if kind in (MASK_NONE, MASK_KEY_PADDING):
+            return None
+        if kind in (MASK_CAUSAL, MASK_CAUSAL_KEY_PADDING):
+            return "causal attention: Nyström landmarks average future tokens (use --method sparse, linear or lse)"
+        if kind == MASK_BIAS:
+            return "the logits carry an additive position bias, which NystromAttention cannot add (use --method sparse)"
+        if kind == MASK_WINDOW:
+            return "the mask is a sliding window, which NystromAttention cannot restrict to (use --method sparse)"
+        return f"unsupported mask: {site.mask.detail or kind}"
+
+    def replacement(self, site: AttentionSite, options: MethodOptions) -> Replacement:
+        try:
+            attributes = NYSTROM_ATTENTION.complete_attributes(
+                scale=site.scale, causal=0, num_landmarks=options.num_landmarks, landmarks=options.landmarks,
+                solver=options.solver, ridge=options.ridge)
+        except ValueError as error:
+            raise UnsupportedError(f"--method nystrom: {error}") from None
+        if attributes["num_landmarks"] < 1:
+            raise UnsupportedError(f"--landmarks {options.num_landmarks}: must be >= 1")
+        if attributes["solver"] != "newton_schulz" and not attributes["ridge"] > 0:
+            raise UnsupportedError(f"--ridge {options.ridge}: the {attributes['solver']} solver needs ridge > 0")
+        return Replacement(NYSTROM_ATTENTION, attributes, {}, exact=False)
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (LinearMethod(), SparseMethod(), LseMethod(), NystromMethod())}
 
 
 def get_method(name: str) -> Method:

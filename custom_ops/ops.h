@@ -8,6 +8,7 @@ namespace attnexport {
 const OrtCustomOp* LinearAttentionCpuOp();
 const OrtCustomOp* SparseAttentionCpuOp();
 const OrtCustomOp* LseAttentionCpuOp();
+const OrtCustomOp* NystromAttentionCpuOp();
 
 #if defined(ATTNEXPORT_WITH_CUDA)
 // CUDA kernels (cuda/*.cu)

@@ -22,6 +22,7 @@ void CreateDomain() {
       attnexport::LinearAttentionCpuOp(),
       attnexport::SparseAttentionCpuOp(),
       attnexport::LseAttentionCpuOp(),
+      attnexport::NystromAttentionCpuOp(),
 #if defined(ATTNEXPORT_WITH_CUDA)
       attnexport::LinearAttentionCudaOp(),
       attnexport::SparseAttentionCudaOp(),

@@ -44,6 +44,7 @@ from onnx import TensorProto, helper, numpy_helper
 from attnexport.errors import UnsupportedError
 from attnexport.ops import linear_attention, sparse_attention
 from attnexport.ops import lse_attention
+from attnexport.ops import nystrom_attention
 from attnexport.ops.function_builder import MIN_ML_OPSET, MIN_OPSET, ML_DOMAIN, Placeholder
 from attnexport.ops.schema import DOMAIN, DOMAIN_VERSION, OpSchema
 
@@ -53,6 +54,7 @@ REGISTRY: dict[str, ModuleType] = {
     linear_attention.SCHEMA.name: linear_attention,
     sparse_attention.SCHEMA.name: sparse_attention,
     lse_attention.SCHEMA.name: lse_attention,
+    nystrom_attention.SCHEMA.name: nystrom_attention,
 }
 
 FUNCTION_IR_VERSION = 9  # FunctionProto.attribute_proto (defaults)

@@ -185,3 +185,40 @@ SPARSE_ATTENTION = OpSchema(
 
 SCHEMAS: dict[str, OpSchema] = {LINEAR_ATTENTION.name: LINEAR_ATTENTION, SPARSE_ATTENTION.name: SPARSE_ATTENTION}
 SCHEMAS[LSE_ATTENTION.name] = LSE_ATTENTION
+
+NYSTROM_ATTENTION = OpSchema(
+    name="NystromAttention",
+    doc=(
+        "Nyströmformer's low-rank attention through landmarks, non-causal. Per (batch, query head h, kv head "
+        "h // (Hq/Hkv)), over the n_v visible keys in order: m_k = min(num_landmarks, n_v) key landmarks L_k, "
+        "m_q = min(num_landmarks, Sq) query landmarks L_q (segment c of n rows = rows floor(c*n/m) .. "
+        "floor((c+1)*n/m)-1, so no segment is empty; landmarks: their means, or kmeans: `iterations` Lloyd "
+        "steps from the rows floor(c*n/m), nearest by |mu|^2 - 2 x.mu, ties to the lowest index, an empty "
+        "cluster keeps its centre); F1 = softmax(s Q L_k^T) [Sq, m_k], M = softmax(s L_q L_k^T) [m_q, m_k], "
+        "F3 = softmax(s L_q K_vis^T) [m_q, n_v]; Y = F1 X with X = argmin |M X - F3 V|^2 + ridge |X|^2 "
+        "(solver sketch: sketch-preconditioned LSQR on the stacked system [M; sqrt(ridge) I]; direct: Cholesky "
+        "of M^T M + ridge I) or X = Z F3 V with Z Nyströmformer's Newton-Schulz pseudo-inverse of M after "
+        "newton_iterations steps (solver newton_schulz). No visible key: Y = 0. With num_landmarks >= n_v "
+        "the key landmarks are the keys and Y is softmax attention (up to the ridge)."
+    ),
+    inputs=(
+        InputSpec("Q", "[B, Hq, Sq, Dk]"),
+        InputSpec("K", "[B, Hkv, Skv, Dk]"),
+        InputSpec("V", "[B, Hkv, Skv, Dv]"),
+        InputSpec("key_padding_mask", "[B, Skv] bool, true = attend", optional=True),
+    ),
+    outputs=(InputSpec("Y", "[B, Hq, Sq, Dv]"),),
+    attributes=(
+        SCALE,
+        AttributeSpec("causal", "int", 0, "must be 0: a landmark averages future tokens, so causal=1 is refused", (0, 1)),
+        AttributeSpec("num_landmarks", "int", 64, "landmarks m per (batch, head) (>= 1)"),
+        AttributeSpec("landmarks", "string", "segment_means", "segment_means or kmeans (cluster centres)",
+                      ("segment_means", "kmeans")),
+        AttributeSpec("iterations", "int", 3, "kmeans: Lloyd steps (>= 0)"),
+        AttributeSpec("solver", "string", "sketch", "how the m x m landmark system is solved",
+                      ("sketch", "newton_schulz", "direct")),
+        AttributeSpec("newton_iterations", "int", 6, "newton_schulz: iterations (>= 0)"),
+        AttributeSpec("ridge", "float", 1e-2, "sketch, direct: Tikhonov weight (> 0; M's rows sum to 1)"),
+    ),
+)
+SCHEMAS[NYSTROM_ATTENTION.name] = NYSTROM_ATTENTION
