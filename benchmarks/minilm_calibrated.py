@@ -171,6 +171,8 @@ def markdown(report) -> str:
         lines.append(f"| {r['method']} | {_cells(r['uncalibrated'])} | {_cells(r['calibrated'])} | {_chosen(r)} | "
                      f"{r['calibration_seconds']} |")
     lines += ["", target(report["rows"]), "", f"Regenerate: `{report['command']}`."]
+    if report.get("provenance"):  # numbers kept from an earlier state of the code, and how
+        lines += ["", f"Provenance: {report['provenance']}."]
     return "\n".join(lines) + "\n"
 
 

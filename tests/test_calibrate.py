@@ -18,7 +18,7 @@ import pytest
 
 from attnexport import api
 from attnexport.calibration import METADATA_CALIBRATION
-from attnexport.methods import MethodOptions, favor_projection
+from attnexport.methods import METHODS, MethodOptions, favor_projection
 from attnexport.runtime import create_session
 
 SEQ = 40
@@ -235,3 +235,20 @@ def test_texts_use_the_tokenizer_the_model_records(tmp_path):
                            batch_size=8)
     assert result.record["examples"] == 24 and result.record["data"] == "texts:calib.txt"
     assert set(result.fits) == {0} and result.fits[0].parameters["window"] >= 0
+
+
+def test_nystrom_landmarks_meet_the_budget(sharp_bert, calib_npz, tmp_path):
+    """nystrom trades accuracy for speed like sparse: the fewest landmarks within the budget (the
+    uncalibrated default, 64 landmarks for 40 tokens, is all but exact and not the comparison)."""
+    result = api.calibrate(sharp_bert, tmp_path / "nystrom.onnx", method="nystrom", data=calib_npz, budget=0.1,
+                           batch_size=8)
+    ops = [n for n in onnx.load(result.output_path).graph.node if n.op_type == "NystromAttention"]
+    assert len(ops) == 2
+    for op, fit in zip(ops, result.fits.values()):
+        landmarks = fit.parameters["num_landmarks"]
+        tried = {int(k): v for k, v in fit.parameters["tried"].items()}
+        assert landmarks < SEQ and tried[landmarks] <= 0.1
+        assert all(err > 0.1 for m, err in tried.items() if m < landmarks)
+        attributes = {a.name: onnx.helper.get_attribute_value(a) for a in op.attribute}
+        assert attributes["num_landmarks"] == landmarks
+        assert fit.error_after < 0.2

@@ -18,6 +18,7 @@ from attnexport.methods import Replacement
 from attnexport.sites import AttentionSite
 
 DEFAULT_BUDGET = 0.05
+SCREEN_ROWS = 8192  # rows per head of the maps that screen candidate windows (the chosen one gets all)
 
 
 def window_candidates(longest: int) -> list[int]:
@@ -51,7 +52,8 @@ def fit(site: AttentionSite, replacement: Replacement, ctx: Context) -> SiteFit:
         w = candidates[mid]
         candidate = replace(with_attributes(replacement, window_left=_narrow(own_left, w),
                                             window_right=_narrow(own_right, w)), exact=False)
-        y_hat, y = output_map.collect_rows(candidate, ctx.recording, site.index, ctx.fit_batches, threads=ctx.threads)
+        y_hat, y = output_map.collect_rows(candidate, ctx.recording, site.index, ctx.fit_batches, threads=ctx.threads,
+                                           max_rows=SCREEN_ROWS)
         weight, bias, _ = output_map.fit(y_hat, y)
         mapped_rows = np.einsum("hnd,hde->hne", y_hat, weight) + bias
         err = float(np.linalg.norm(mapped_rows - y) / max(np.linalg.norm(y), 1e-30))

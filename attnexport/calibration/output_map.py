@@ -18,16 +18,8 @@ import numpy as np
 
 from attnexport.calibration.op_runner import OpRunner
 from attnexport.calibration.recording import Recording
+from attnexport.linalg.sketch_solver import lstsq
 from attnexport.methods import Replacement
-
-try:
-    from attnexport.linalg.sketch_solver import lstsq
-except ImportError:  # TEMPORARY: until the nystrom branch's solver is merged (same signature); removed then
-    from types import SimpleNamespace
-
-    def lstsq(A, b, *, tol=1e-10, max_iter=100, sketch_size=None, seed=0):  # noqa: N803
-        x, *_ = np.linalg.lstsq(A, b, rcond=None)
-        return x, SimpleNamespace(iterations=0, residual=float(np.linalg.norm(A @ x - b)), converged=True)
 
 # Relative ridge weight: λ = RIDGE · mean squared column norm of [ŷ 1] (scale-free).
 RIDGE = 1e-3
