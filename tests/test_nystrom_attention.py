@@ -7,7 +7,7 @@ and causal=1 give one-line errors."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
