@@ -55,18 +55,11 @@ struct LseAttentionKernel {
     }
 
     const std::vector<int64_t> y_shape = {p.batch, p.q_heads, p.q_len, p.value_dim};
-    auto y = ctx.GetOutput(kY, y_shape);
-    const int64_t y_count = cpu::ElementCount(y_shape);
-    float* y32 = dtype == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT
-                     ? y.GetTensorMutableData<float>()
-                     : static_cast<float*>(arena.Allocate(static_cast<size_t>(y_count) * sizeof(float)));
-    t.y = y32;
+    cpu::Float32Output y(ctx, kY, y_shape, dtype, arena);
+    t.y = y.data();
     t.present_state = ctx.GetOutput(kPresentState, state_shape).GetTensorMutableData<float>();
     ATTNEXPORT_ISA_DISPATCH(LseAttentionForward)(p, t, pool, arena.Handle());
-    if (dtype == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) {
-      uint16_t* out = reinterpret_cast<uint16_t*>(y.GetTensorMutableData<Ort::Float16_t>());
-      cpu::ConvertFloatToHalf(y32, out, static_cast<size_t>(y_count), pool);
-    }
+    y.Finish(pool);
   }
   ATTNEXPORT_COMPUTE_V2(kName)
 

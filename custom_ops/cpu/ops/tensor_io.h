@@ -187,4 +187,30 @@ inline bool IsPresent(const Ort::KernelContext& ctx, size_t index) {
   return static_cast<bool>(ctx.GetInput(index));
 }
 
+// An output of Q's element type that a float32 kernel writes: the output's own memory when it is
+// float32, else a float32 staging buffer that Finish() converts into the float16 output.
+class Float32Output {
+ public:
+  Float32Output(Ort::KernelContext& ctx, size_t index, const std::vector<int64_t>& shape, ONNXTensorElementDataType dtype,
+                ScratchArena& arena)
+      : value_(ctx.GetOutput(index, shape)), count_(ElementCount(shape)), dtype_(dtype) {
+    data_ = dtype == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT
+                ? value_.GetTensorMutableData<float>()
+                : static_cast<float*>(arena.Allocate(static_cast<size_t>(count_) * sizeof(float)));
+  }
+  float* data() const { return data_; }
+  int64_t count() const { return count_; }
+  void Finish(const ThreadPool& pool) {
+    if (dtype_ != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) return;
+    uint16_t* out = reinterpret_cast<uint16_t*>(value_.GetTensorMutableData<Ort::Float16_t>());
+    ConvertFloatToHalf(data_, out, static_cast<size_t>(count_), pool);
+  }
+
+ private:
+  Ort::UnownedValue value_;
+  int64_t count_;
+  ONNXTensorElementDataType dtype_;
+  float* data_;
+};
+
 }  // namespace attnexport::cpu
