@@ -5,7 +5,7 @@
 #include <string>
 
 #include "common/qkv_inputs.h"
-#include "common/shape_inference.h"
+#include "common/attention_op.h"
 #include "cpu/kernels/clustered_attention.h"
 #include "cpu/ops/tensor_io.h"
 #include "ops.h"
@@ -103,23 +103,10 @@ struct ClusteredAttentionKernel {
   int64_t window_left_, window_right_, dilation_, num_global_, num_clusters_, iterations_;
 };
 
-struct ClusteredAttentionOp : OpBase<ClusteredAttentionOp, ClusteredAttentionKernel> {
-  const char* GetName() const { return kName; }
-  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
-  size_t GetInputTypeCount() const { return kNumInputs; }
-  ONNXTensorElementDataType GetInputType(size_t index) const {
-    return index == kKeyPaddingMask ? ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL : ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
-  }
-  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
-    return index >= kKeyPaddingMask ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
-  }
-  size_t GetOutputTypeCount() const { return 1; }
-  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED; }
-
-  // Y = [B, Hq, Sq, Dv] of Q's type: batch, heads and length of Q, value dim of V.
-  static OrtStatusPtr InferShapes(OrtShapeInferContext* ctx) {
-    return InferOutputFromInputs(ctx, 0, kQ, {{kQ, 0}, {kQ, 1}, {kQ, 2}, {kV, 3}}, kName);
-  }
+struct ClusteredAttentionOp : QkvAttentionOp<ClusteredAttentionOp, ClusteredAttentionKernel, kNumInputs> {
+  static_assert(kQ == 0 && kV == 2 && kKeyPaddingMask == 3, "the input order QkvAttentionOp declares");
+  static constexpr const char* kOpName = kName;
+  static constexpr const char* kProvider = "CPUExecutionProvider";
 };
 
 }  // namespace

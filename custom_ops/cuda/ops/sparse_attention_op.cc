@@ -7,7 +7,7 @@
 #include <string>
 
 #include "common/qkv_inputs.h"
-#include "common/shape_inference.h"
+#include "common/attention_op.h"
 #include "cuda/kernels/entry.h"
 #include "cuda/ops/cuda_glue.h"
 #include "ops.h"
@@ -111,22 +111,10 @@ struct SparseAttentionCudaKernel {
   std::unique_ptr<cuda_ops::DeviceContext> device_;
 };
 
-struct SparseAttentionOpCuda : OpBase<SparseAttentionOpCuda, SparseAttentionCudaKernel> {
-  const char* GetName() const { return kName; }
-  const char* GetExecutionProviderType() const { return "CUDAExecutionProvider"; }
-  size_t GetInputTypeCount() const { return kNumInputs; }
-  ONNXTensorElementDataType GetInputType(size_t index) const {
-    return index == kKeyPaddingMask ? ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL : ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
-  }
-  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
-    return index >= kKeyPaddingMask ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
-  }
-  size_t GetOutputTypeCount() const { return 1; }
-  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED; }
-
-  static OrtStatusPtr InferShapes(OrtShapeInferContext* ctx) {
-    return InferOutputFromInputs(ctx, 0, kQ, {{kQ, 0}, {kQ, 1}, {kQ, 2}, {kV, 3}}, kName);
-  }
+struct SparseAttentionOpCuda : QkvAttentionOp<SparseAttentionOpCuda, SparseAttentionCudaKernel, kNumInputs> {
+  static_assert(kQ == 0 && kV == 2 && kKeyPaddingMask == 3, "the input order QkvAttentionOp declares");
+  static constexpr const char* kOpName = kName;
+  static constexpr const char* kProvider = "CUDAExecutionProvider";
 };
 
 }  // namespace
