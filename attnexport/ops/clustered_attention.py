@@ -24,7 +24,8 @@ centre attends over the visible keys with an exact softmax, Y = onehot(assign) @
 One generic function serves every node of a model: numeric attributes are read at run time, the
 cluster mode selects an `If` branch (only the modes the nodes use are built). The nodes must agree on
 whether they pass key_padding_mask (attach_functions gives the others an all-true mask) and on
-whether they pass centroids (a k-means is no placeholder for given centres, so mixing is refused).
+whether they pass centroids (a k-means is no placeholder for given centres, so mixing is refused), and
+on carrying a state (past_state / present_state: the body of clustered_state.py).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from attnexport.errors import UnsupportedError
 from attnexport.ops import clustered_reference as _reference
 from attnexport.ops.function_builder import BOOL, FLOAT, INT64, MIN_ML_OPSET, FunctionBuilder, Placeholder
 from attnexport.ops.schema import CLUSTERED_ATTENTION, DOMAIN
+from attnexport.ops.clustered_state import state_mode_body
 
 SCHEMA = CLUSTERED_ATTENTION
 reference = _reference.clustered_attention
@@ -58,6 +60,12 @@ class Variant:
     key_padding_mask: bool = False
     centroids: bool = False
     dtype: int | None = None
+    past_state: bool = False
+    present_state: bool = False  # the node produces present_state
+
+    @property
+    def stateful(self) -> bool:
+        return self.past_state or self.present_state
 
     @classmethod
     def of(cls, values: Mapping[str, Any]) -> Variant:
@@ -74,8 +82,15 @@ class Variant:
                 f"ClusteredAttention inputs of type {helper.tensor_dtype_to_string(dtype)}: "
                 "float32, float16 or bfloat16 expected"
             )
+        past, present = bool(values.get("past_state", False)), bool(values.get("present_state", False))
+        if past or present:
+            problem = _reference.check_state_mode(
+                causal=int(get["causal"]), window_left=int(get["window_left"]), dilation=int(get["dilation"]),
+                cluster=get["cluster"], has_centroids=bool(values.get("centroids", False)), q_len=0, kv_len=0)
+            if problem:
+                raise UnsupportedError(f"ClusteredAttention {problem}")
         return cls(get["cluster"], bool(values.get("key_padding_mask", False)), bool(values.get("centroids", False)),
-                   dtype)
+                   dtype, past, present)
 
 
 def placeholders(variants: Iterable[Mapping[str, Any]]) -> dict[str, Placeholder]:
@@ -100,6 +115,10 @@ def build_function(opset: int, variants: Iterable[Mapping[str, Any]], *, ml_opse
             raise UnsupportedError(f"some ClusteredAttention nodes pass {name} and some do not; one function serves "
                                    "them all" + (" (attach_functions gives the others an all-true mask)"
                                                  if name == "key_padding_mask" else ""))
+    for name in ("stateful", "past_state"):
+        if len({getattr(v, name) for v in vs}) > 1:
+            raise UnsupportedError("some ClusteredAttention nodes carry a state (past_state / present_state) and some "
+                                   "do not, or pass past_state and some do not; one function serves them all")
     has_mask, has_centroids = vs[0].key_padding_mask, vs[0].centroids
     modes = [m for m in CLUSTER_MODES if any(v.cluster == m for v in vs)]
 
@@ -226,11 +245,18 @@ def build_function(opset: int, variants: Iterable[Mapping[str, Any]], *, ml_opse
                     b.op("Concat", batch, q_heads, b.op("Reshape", num_clusters, b.ints(1)), value_dim, axis=0))
         return [b.op("MatMul", onehot, rows)]
 
-    (y,) = b.string_switch("cluster", {m: {"keys": keys_mode, "queries": queries_mode}[m] for m in modes}, [FLOAT])
+    outputs = ["Y"]
+    if vs[0].stateful:  # (the check above makes them all so): cluster=keys, causal, centroids
+        y, present = state_mode_body(b, has_mask=has_mask, has_past=vs[0].past_state, scale=scale, assign=assign)
+        if any(v.present_state for v in vs):
+            b.op("Identity", present, outputs=["present_state"])  # float32 whatever Q's type
+            outputs.append("present_state")
+    else:
+        (y,) = b.string_switch("cluster", {m: {"keys": keys_mode, "queries": queries_mode}[m] for m in modes}, [FLOAT])
     y = b.cast_to_input_dtype(y, "Q", output_dtype)
     b.op("Identity", y, outputs=["Y"])
 
     defaults = [helper.make_attribute(a.name, a.default) for a in SCHEMA.attributes]
-    return b.build(DOMAIN, SCHEMA.name, [i.name for i in SCHEMA.inputs], [o.name for o in SCHEMA.outputs],
+    return b.build(DOMAIN, SCHEMA.name, [i.name for i in SCHEMA.inputs], outputs,
                    defaults, doc=f"{SCHEMA.doc} Reference semantics (dense form, far keys replaced by their "
                                  "centres); see attnexport.ops.clustered_attention.")

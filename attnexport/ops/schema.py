@@ -200,7 +200,14 @@ CLUSTERED_ATTENTION = OpSchema(
         "centre), then assign once more. The centroids input [Hkv, M, Dk] replaces the k-means (assignment to the nearest "
         "given centroid); causal=1 requires it. cluster=queries (fast-transformers' clustered attention, non-causal, "
         "pattern attributes at their defaults, no centroids input): per (batch, query head) the Sq queries are clustered by "
-        "the same k-means, each centre attends exactly (softmax over the visible keys) and each query gets its centre's row."
+        "the same k-means, each centre attends exactly (softmax over the visible keys) and each query gets its centre's row. "
+        "State mode (past_state given or present_state asked for; cluster=keys, causal=1, centroids, window_left = W >= 0, "
+        "dilation 1, Sq = Skv = S new tokens): a bounded KV cache plus a clustered summary. State [B, Hkv, G+R+M+1, "
+        "Dk+Dv+1] float32 (G = num_global, R = W+1): G global rows (position g) and R window rows (positions P-R..P-1, "
+        "oldest first; P = tokens seen before the call, padded ones included) [k | v | flag] (flag 1: a kept token, "
+        "in the window rows only at positions >= G), M cluster rows [0 | sum v | count] of the kept tokens at "
+        "positions G..P-R-1 (nearest centroid), a last row [P, 0, ...] (exact to 2^24 tokens); zeros = empty. The call's "
+        "tokens take positions P..P+S-1 and Y is the causal op's over everything seen; present_state holds P+S tokens."
     ),
     inputs=(
         InputSpec("Q", "[B, Hq, Sq, Dk]"),
@@ -209,8 +216,14 @@ CLUSTERED_ATTENTION = OpSchema(
         InputSpec("key_padding_mask", "[B, Skv] bool, true = attend", optional=True),
         InputSpec("centroids", "[Hkv, M, Dk] of Q's type: fixed key centres (M = num_clusters); needed when causal",
                   optional=True),
+        InputSpec("past_state", "[B, Hkv, G+W+1+M+1, Dk+Dv+1] float32: the tokens of earlier calls (zeros = none)",
+                  optional=True),
     ),
-    outputs=(InputSpec("Y", "[B, Hq, Sq, Dv]"),),
+    outputs=(
+        InputSpec("Y", "[B, Hq, Sq, Dv]"),
+        InputSpec("present_state", "[B, Hkv, G+W+1+M+1, Dk+Dv+1] float32: past_state plus this call's tokens",
+                  optional=True),
+    ),
     attributes=(
         SCALE,
         CAUSAL,

@@ -28,9 +28,18 @@ struct ClusteredAttentionTensors {
   const bool* key_padding_mask = nullptr;  // [B, Skv], true = attend; may be null
   const float* centroids = nullptr;        // [Hkv, M, Dk] given key centres (cluster=keys); may be null
   float* y = nullptr;                      // [B, Hq, Sq, Dv]
+  // State mode (clustered_state.cc): [B, Hkv, G + R + M + 1, Dk + Dv + 1], R = window_left + 1.
+  const float* past_state = nullptr;       // may be null: the empty state
+  float* present_state = nullptr;          // may be null: not asked for
 };
 
 }  // namespace attnexport::cpu
+
+// State mode: causal, cluster=keys, centroids given, window_left >= 0, dilation 1, q_len == kv_len (the
+// call's tokens, positions P .. P + S - 1 with P read from the state).
+ATTNEXPORT_DECLARE_ISA_KERNEL(void ClusteredAttentionStateForward(
+    const ::attnexport::cpu::ClusteredAttentionProblem& problem, const ::attnexport::cpu::ClusteredAttentionTensors& tensors,
+    const ::attnexport::cpu::ThreadPool& pool, const ::attnexport::cpu::Scratch& scratch))
 
 ATTNEXPORT_DECLARE_ISA_KERNEL(void ClusteredAttentionForward(const ::attnexport::cpu::ClusteredAttentionProblem& problem,
                                                              const ::attnexport::cpu::ClusteredAttentionTensors& tensors,

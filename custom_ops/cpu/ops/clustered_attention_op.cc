@@ -17,7 +17,8 @@ using cpu::Require;
 using cpu::ShapeString;
 
 constexpr const char* kName = "ClusteredAttention";
-enum Input { kQ = 0, kK, kV, kKeyPaddingMask, kCentroids, kNumInputs };
+enum Input { kQ = 0, kK, kV, kKeyPaddingMask, kCentroids, kPastState, kNumInputs };
+enum Output { kY = 0, kPresentState, kNumOutputs };
 
 struct ClusteredAttentionKernel {
   ClusteredAttentionKernel(const OrtApi&, const OrtKernelInfo* info) {
@@ -87,11 +88,59 @@ struct ClusteredAttentionKernel {
       t.centroids = cpu::AsFloat32(centroids, arena, pool);
     }
 
+    const bool has_past = cpu::IsPresent(ctx, kPastState);
+    const bool want_present = ctx.GetOutputCount() > kPresentState;
+    if (has_past || want_present) {  // state mode: clustered_reference.check_state_mode's reasons
+      ComputeWithState(ctx, p, t, dtype, has_past, want_present, pool, arena);
+      return;
+    }
     const std::vector<int64_t> y_shape = {p.batch, p.q_heads, p.q_len, p.value_dim};
-    cpu::Float32Output y(ctx, 0, y_shape, dtype, arena);
+    cpu::Float32Output y(ctx, kY, y_shape, dtype, arena);
     t.y = y.data();
     if (y.count() > 0) {
       ATTNEXPORT_ISA_DISPATCH(ClusteredAttentionForward)(p, t, pool, arena.Handle());
+    }
+    y.Finish(pool);
+  }
+
+  // State [B, Hkv, G + R + M + 1, Dk + Dv + 1] float32 (R = window_left + 1); past_state broadcasts to it.
+  void ComputeWithState(Ort::KernelContext& ctx, cpu::ClusteredAttentionProblem& p, cpu::ClusteredAttentionTensors& t,
+                        ONNXTensorElementDataType dtype, bool has_past, bool want_present, const cpu::ThreadPool& pool,
+                        cpu::ScratchArena& arena) {
+    Require(!queries_, "a state needs cluster='keys' (query clustering attends to every key)");
+    Require(causal_, "a state needs causal=1 (later calls add later keys)");
+    Require(t.centroids != nullptr,
+            "a state needs the centroids input (the far keys' clusters are summed as they leave the window)");
+    Require(window_left_ >= 0, "a state needs a finite window_left >= 0 (the window rows are the bounded KV cache)");
+    Require(dilation_ == 1, "a state needs dilation=1, got " + std::to_string(dilation_) +
+                                " (a dilated window moves keys in and out of the clusters)");
+    Require(p.q_len == p.kv_len, "a state needs as many queries as new keys (the call's tokens), got Sq=" +
+                                     std::to_string(p.q_len) + ", Skv=" + std::to_string(p.kv_len));
+    const std::vector<int64_t> state_shape = {p.batch, p.kv_heads, num_global_ + window_left_ + 1 + num_clusters_ + 1,
+                                              p.head_dim + p.value_dim + 1};
+    const int64_t state_size = state_shape[2] * state_shape[3];
+    if (has_past) {
+      auto past = ctx.GetInput(kPastState);
+      Require(past.GetTensorTypeAndShapeInfo().GetElementType() == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
+              "past_state must be float32");
+      t.past_state = cpu::BroadcastToFloat32(past, state_shape, "past_state", arena, pool);
+      for (int64_t unit = 0; unit < p.batch * p.kv_heads; ++unit) {
+        const float seen = t.past_state[unit * state_size + (state_shape[2] - 1) * state_shape[3]];
+        Require(seen >= 0.f && seen < 16777216.f && seen == std::floor(seen),
+                "past_state's last row must start with the token count P (a whole number below 2^24), got " +
+                    std::to_string(seen));
+      }
+    }
+    Ort::UnownedValue present{nullptr};
+    if (want_present) {
+      present = ctx.GetOutput(kPresentState, state_shape);
+      t.present_state = present.GetTensorMutableData<float>();
+    }
+    const std::vector<int64_t> y_shape = {p.batch, p.q_heads, p.q_len, p.value_dim};
+    cpu::Float32Output y(ctx, kY, y_shape, dtype, arena);
+    t.y = y.data();
+    if (p.batch * p.kv_heads > 0) {
+      ATTNEXPORT_ISA_DISPATCH(ClusteredAttentionStateForward)(p, t, pool, arena.Handle());
     }
     y.Finish(pool);
   }
@@ -103,7 +152,8 @@ struct ClusteredAttentionKernel {
   int64_t window_left_, window_right_, dilation_, num_global_, num_clusters_, iterations_;
 };
 
-struct ClusteredAttentionOp : QkvAttentionOp<ClusteredAttentionOp, ClusteredAttentionKernel, kNumInputs> {
+struct ClusteredAttentionOp
+    : QkvAttentionOp<ClusteredAttentionOp, ClusteredAttentionKernel, kNumInputs, kNumOutputs> {
   static_assert(kQ == 0 && kV == 2 && kKeyPaddingMask == 3, "the input order QkvAttentionOp declares");
   static constexpr const char* kOpName = kName;
   static constexpr const char* kProvider = "CPUExecutionProvider";
