@@ -145,7 +145,8 @@ def inspect(model, inputs_path, as_json):
               help="Probe with these inputs (.npz) instead of synthesised ones.")
 @click.option("--recurrent", is_flag=True,
               help="MODEL is a decoder exported with its KV cache: replace each layer's cache inputs/outputs by "
-                   "a fixed-size state (past_state.<l> / present_state.<l>); --method lse or linear.")
+                   "a fixed-size state (past_state.<l> / present_state.<l>); --method lse, linear, or clustered "
+                   "(with --centroids and a finite --window).")
 @click.option("--dry-run", is_flag=True, help="Print the plan; write nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def convert(model, output, method, feature_map, expansion_point, num_features, seed, eps, window, dilation, num_global,

@@ -1,10 +1,10 @@
 """A decoder with a growing KV cache → a recurrent model with a fixed-size state per layer.
 
-`convert --method lse --recurrent` (or `--method linear --recurrent`) takes a decoder exported with its
-cache: per layer, graph inputs with the past keys and values, concatenated with the new tokens' keys
-and values before the attention product, and graph outputs returning the concatenation (the present
-cache). Each such attention site becomes one op that reads only the new keys and values and carries
-everything earlier in a state of fixed size:
+`convert --method lse --recurrent` (or `--method linear`, or `--method clustered --centroids FILE`, with
+`--recurrent`) takes a decoder exported with its cache: per layer, graph inputs with the past keys and
+values, concatenated with the new tokens' keys and values before the attention product, and graph
+outputs returning the concatenation (the present cache). Each such attention site becomes one op that
+reads only the new keys and values and carries everything earlier in a state of fixed size:
 
     past_key_values.i.key, past_key_values.i.value   (inputs,  [B, Hkv, P, D], grow with P)
     present.i.key,         present.i.value           (outputs, [B, Hkv, P + S, D])
@@ -14,7 +14,10 @@ everything earlier in a state of fixed size:
 
 `<l>` counts the cached sites in graph order (0, 1, ...). The state layouts are the ops' own:
 LseAttention [B, Hkv, Dk, Dv + 2] = [S | z | m] (float32), LinearAttention [B, Hkv, F, Dv + 2] =
-[S | z | m] (float32; m is favor's shift, 0 otherwise); zeros are the empty state. The mapping is recorded in the model's metadata under
+[S | z | m] (float32; m is favor's shift, 0 otherwise), ClusteredAttention [B, Hkv, G + W + 1 + M + 1,
+Dk + Dv + 1] (the globals and the last W + 1 keys and values exactly, per-cluster sums of the values of
+everything older, the position; float32): a bounded KV cache plus a clustered summary. Zeros are the
+empty state. The mapping is recorded in the model's metadata under
 `attnexport.recurrent` (JSON).
 
 What a caller feeds per step (the rest of the signature is the original's):
@@ -50,6 +53,8 @@ STATE_LAYOUTS = {
     "LseAttention": "[B, Hkv, Dk, Dv + 2] = [S_d (Dv) | z_d | m_d] per key dimension d, float32",
     "LinearAttention": "[B, Hkv, F, Dv + 2] = [S_f (Dv) | z_f | m_f] per feature f (m_f: favor's shift, else 0), "
                        "float32",
+    "ClusteredAttention": "[B, Hkv, G + R + M + 1, Dk + Dv + 1]: G global rows and R = W + 1 window rows (oldest "
+                          "first) [k | v | flag], M cluster rows [0 | sum v | count], a last row [P, 0, ...], float32",
 }
 
 
@@ -98,7 +103,27 @@ def _state_input(replacement, site, batch) -> tuple[list, ir.DataType]:
             features = replacement.extra_inputs["projection"].shape[1]
         # float32 whatever the model's type: z_f sums over every key and leaves float16's range.
         return [batch, site.num_kv_heads, features, site.v_head_dim + 2], ir.DataType.FLOAT
+    if op == "ClusteredAttention":
+        return _clustered_state(replacement, site, batch), ir.DataType.FLOAT
     raise UnsupportedError(f"--recurrent: {op} has no state input")
+
+
+def _clustered_state(replacement, site, batch) -> list:
+    """[B, Hkv, G + R + M + 1, Dk + Dv + 1]: the globals, the window (R = W + 1 positions: the bounded KV
+    cache), the per-cluster sums of everything older, the position counter."""
+    a = replacement.attributes
+    if a["cluster"] != "keys":
+        raise UnsupportedError("--recurrent: --cluster queries has no state (every query centre attends to every key)")
+    if a["window_left"] < 0:
+        raise UnsupportedError("--recurrent: ClusteredAttention keeps the last W keys exactly, so it needs a finite "
+                               "--window W (not 'full')")
+    if a["dilation"] != 1:
+        raise UnsupportedError(f"--recurrent: --dilation {a['dilation']}: a dilated window has no fixed-size state "
+                               "(a key moves between the window and the clusters); use --dilation 1")
+    if "centroids" not in replacement.extra_inputs:
+        raise UnsupportedError("--recurrent: ClusteredAttention needs fitted centres (--centroids FILE.npz)")
+    rows = a["num_global"] + a["window_left"] + 1 + a["num_clusters"] + 1
+    return [batch, site.num_kv_heads, rows, site.head_dim + site.v_head_dim + 1]
 
 
 def _caches(model: ir.Model, plan: Plan) -> dict[int, KVCache]:

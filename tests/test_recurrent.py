@@ -139,3 +139,40 @@ def test_cli_recurrent_and_the_one_line_errors(cached_decoder, zoo_model, tmp_pa
     # A method without a state: refused.
     with pytest.raises(AttnExportError, match="state"):
         api.convert(source, tmp_path / "sparse.onnx", method="sparse", recurrent=True)
+
+
+def _centres(source: str, clusters: int) -> dict[str, np.ndarray]:
+    """Random fixed centres for every site (the equivalence holds for any centres)."""
+    rng = np.random.default_rng(3)
+    return {f"site{s.index}": rng.normal(size=(s.num_kv_heads, clusters, s.head_dim)).astype(np.float32)
+            for s in api.inspect(source)}
+
+
+@pytest.mark.parametrize("arch, exporter", SUBJECTS)
+@pytest.mark.parametrize("window, num_global", [(2, 0), (4, 1)])
+def test_clustered_recurrent(arch, exporter, window, num_global, cached_decoder, tmp_path, op_library):
+    """--method clustered --recurrent: a bounded KV cache (the last window + 1 keys and values, the globals)
+    plus per-cluster sums of everything older gives, call by call, what the causal ClusteredAttention gives
+    on the whole sequence (13 tokens: most keys leave the window)."""
+    source = cached_decoder(arch, exporter)
+    spec = decoders.describe(arch)
+    clusters = 3
+    options = MethodOptions(window=window, num_global=num_global, num_clusters=clusters,
+                            centroids=_centres(source, clusters))
+    rows = num_global + window + 1 + clusters + 1
+    check_recurrent(source, tmp_path, "clustered", options, state_shape=[spec.num_kv_heads, rows, 2 * spec.head_dim + 1],
+                    arch=arch)
+
+
+def test_clustered_recurrent_refusals(cached_decoder, tmp_path):
+    """What has no fixed-size state is refused in one line: no centres, an unbounded window, a dilated one."""
+    source = cached_decoder("gpt2", "dynamo18")
+    centres = _centres(source, 3)
+    cases = [(MethodOptions(window=2, num_clusters=3), "centres|centroids"),
+             (MethodOptions(window=-1, num_clusters=3, centroids=centres), "finite --window"),
+             (MethodOptions(window=4, dilation=2, num_clusters=3, centroids=centres), "--dilation 2")]
+    for i, (options, message) in enumerate(cases):
+        out = tmp_path / f"refused{i}.onnx"
+        with pytest.raises(AttnExportError, match=message):
+            api.convert(source, out, method="clustered", options=options, recurrent=True)
+        assert not out.exists()
