@@ -95,12 +95,13 @@ def calibrate(model_path: str | Path, output_path: str | Path | None = None, *, 
               options: MethodOptions | None = None, data: str | Path | None = None, texts: str | Path | None = None,
               tokenizer: str | None = None, batch_size: int = 16, max_tokens: int = 256, layers: str | None = None,
               budget: float | None = None, sequential: bool = True, threads: int | None = None,
-              progress: Progress | None = None):
+              progress: Progress | None = None, recurrent: bool = False):
     """Convert like convert(), with each site's replacement fitted to the original on calibration inputs:
     `data`, an .npz of arrays named like the graph's inputs (examples along axis 0), or `texts`, a file of
     one text per line (tokenized by `tokenizer`, or the one the model records). Returns a
     calibration.CalibrationResult; the fitted parameters are in the model's metadata
-    (attnexport.calibration) and its plan (attnexport.plan). See attnexport/calibration/."""
+    (attnexport.calibration) and its plan (attnexport.plan). `recurrent`: as in convert(). See
+    attnexport/calibration/."""
     from attnexport.calibration import calibrate as run_calibrate
     from attnexport.calibration import data as calibration_data
     from attnexport.errors import UnsupportedError
@@ -118,7 +119,7 @@ def calibrate(model_path: str | Path, output_path: str | Path | None = None, *, 
             return calibration_data.from_texts(model, model_path, texts, batch_size, tokenizer=tokenizer,
                                                max_tokens=max_tokens)
     return run_calibrate(model_path, output, load, method=method, options=options, layers=layers, budget=budget,
-                         sequential=sequential, threads=threads, progress=progress)
+                         sequential=sequential, threads=threads, progress=progress, recurrent=recurrent)
 
 
 def _signature(model: ir.Model):

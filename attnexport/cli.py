@@ -230,7 +230,8 @@ def _window(text):
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", type=click.Path(dir_okay=False),
               help="Output path (default: MODEL.<method>.calibrated.onnx).")
-@click.option("--method", default="linear", show_default=True, help="Replacement method: linear, nystrom, sparse or lse.")
+@click.option("--method", default="linear", show_default=True,
+              help="Replacement method: linear, nystrom, sparse, lse or clustered.")
 @click.option("--data", "data_path", type=click.Path(exists=True, dir_okay=False),
               help="Calibration inputs: .npz of arrays named like the model's inputs, examples along axis 0.")
 @click.option("--texts", "texts_path", type=click.Path(exists=True, dir_okay=False),
@@ -243,19 +244,29 @@ def _window(text):
 @click.option("--num-features", type=int, help="favor: fix F instead of choosing among Dk, 2Dk, 4Dk.")
 @click.option("--seed", type=int, default=0, show_default=True, help="favor: first seed of the random draws.")
 @click.option("--eps", type=float, default=1e-6, show_default=True, help="Added to linear attention's normaliser.")
-@click.option("--window", help="sparse: the widest window to consider (default: the site's own pattern).")
+@click.option("--window", help="sparse, clustered: the widest window to consider (default: the site's own pattern; "
+                                "clustered: 128).")
 @click.option("--global", "num_global", type=int, default=0, show_default=True,
-              help="sparse: the first G positions attend and are attended everywhere.")
+              help="sparse, clustered: the first G positions attend and are attended everywhere.")
+@click.option("--clusters", "num_clusters", type=int, help="clustered: the most clusters to consider (default 64).")
+@click.option("--iterations", type=int, default=10, show_default=True, help="clustered: Lloyd steps of the k-means.")
 @click.option("--budget", type=float,
               help="Largest relative output error per site: sparse picks the smallest window within it, nystrom "
-                   "the fewest landmarks (default 0.05 for both); favor the fewest features.")
+                   "the fewest landmarks, clustered the cheapest window + clusters (default 0.05 for all three); "
+                   "favor the fewest features.")
+@click.option("--recurrent", is_flag=True,
+              help="MODEL is a decoder exported with its KV cache: write it with a fixed-size state per layer, as "
+                   "convert --recurrent (lse, linear, clustered).")
+@click.option("--save-centroids", type=click.Path(dir_okay=False),
+              help="clustered: also write the fitted centres as an .npz for convert --centroids.")
 @click.option("--layers", help="Sites to replace, e.g. 0,2,5-7 (default: all).")
 @click.option("--independent", is_flag=True,
               help="Fit every site on the original's inputs (default: each site sees the earlier sites replaced).")
 @click.option("--threads", type=int, help="ONNX Runtime intra-op threads.")
 @click.option("--json", "as_json", is_flag=True, help="Print what was fitted as JSON.")
 def calibrate(model, output, method, data_path, texts_path, tokenizer, batch_size, max_tokens, feature_map,
-              num_features, seed, eps, window, num_global, budget, layers, independent, threads, as_json):
+              num_features, seed, eps, window, num_global, num_clusters, iterations, budget, recurrent, save_centroids,
+              layers, independent, threads, as_json):
     """Replace the softmax attention of MODEL like convert, with each replacement fitted to the original on
     calibration inputs (parameters, per-head output maps); what was fitted is recorded in the output's
     metadata."""
@@ -263,7 +274,16 @@ def calibrate(model, output, method, data_path, texts_path, tokenizer, batch_siz
     from attnexport.methods import MethodOptions
 
     options = MethodOptions(feature_map=feature_map, eps=eps, num_features=num_features, seed=seed,
-                            window=_window(window), num_global=num_global)
+                            window=_window(window), num_global=num_global, num_clusters=num_clusters,
+                            iterations=iterations)
+    if save_centroids and method != "clustered":
+        from attnexport.errors import UnsupportedError
+
+        raise UnsupportedError("--save-centroids goes with --method clustered")
+    if save_centroids:
+        from attnexport.calibration.centroids import check_path
+
+        check_path(model, save_centroids)  # before the work, not after
     status = err_console.status("calibrating", spinner="dots") if not as_json else None
     if status:
         status.start()
@@ -271,7 +291,11 @@ def calibrate(model, output, method, data_path, texts_path, tokenizer, batch_siz
         result = run_calibrate(model, output, method=method, options=options, data=data_path, texts=texts_path,
                                tokenizer=tokenizer, batch_size=batch_size, max_tokens=max_tokens, layers=layers,
                                budget=budget, sequential=not independent, threads=threads,
-                               progress=(lambda text: status.update(text)) if status else None)
+                               progress=(lambda text: status.update(text)) if status else None, recurrent=recurrent)
+        if save_centroids:
+            from attnexport.calibration.centroids import save_fitted
+
+            save_fitted(result.fits, save_centroids, model)
     finally:
         if status:
             status.stop()

@@ -18,18 +18,19 @@ from pathlib import Path
 import numpy as np
 
 from attnexport import model_io, rewrite
-from attnexport.calibration import fit_favor, fit_feature_map, fit_lse, fit_nystrom, fit_sparse, fit_taylor2
+from attnexport.calibration import (fit_clustered, fit_favor, fit_feature_map, fit_lse, fit_nystrom, fit_sparse,
+                                    fit_taylor2)
 from attnexport.calibration.data import CalibrationData
 from attnexport.calibration.op_runner import library_available
 from attnexport.calibration.recording import Recording, copy_model
 from attnexport.calibration.search import Context, SiteFit
 from attnexport.errors import AttnExportError, NoAttentionError, UnsupportedError
 from attnexport.match import find_sites
-from attnexport.methods import MethodOptions, Replacement, get_method
+from attnexport.methods import MethodOptions, Replacement, centroids_key, get_method
 from attnexport.plan import Plan, SitePlan, make_plan
 
 METADATA_CALIBRATION = "attnexport.calibration"
-CALIBRATED_METHODS = ("linear", "nystrom", "sparse", "lse")
+CALIBRATED_METHODS = ("linear", "nystrom", "sparse", "lse", "clustered")
 SEARCH_BATCHES = 4  # grid searches score candidates on this many fit batches
 
 
@@ -56,16 +57,19 @@ def _fitter(method: str, options: MethodOptions) -> Callable[[object, Replacemen
         return fit_sparse.fit
     if method == "nystrom":
         return fit_nystrom.fit
+    if method == "clustered":
+        return lambda site, r, ctx: fit_clustered.fit(site, r, ctx, iterations=options.iterations)
     raise UnsupportedError(f"--method {method}: calibrate knows {', '.join(CALIBRATED_METHODS)}")
 
 
 def calibrate(model_path: str | Path, output_path: str | Path, data: CalibrationData | Callable, *,
               method: str = "linear", options: MethodOptions | None = None, layers: str | None = None,
               budget: float | None = None, sequential: bool = True, threads: int | None = None,
-              progress: Callable[[str], None] | None = None) -> CalibrationResult:
+              progress: Callable[[str], None] | None = None, recurrent: bool = False) -> CalibrationResult:
     """Fit `method`'s replacement of every attention site of the model at `model_path` to the original's
     outputs on `data` (a CalibrationData, or a function of the loaded model that returns one); write
-    the calibrated model atomically to `output_path` (never over the input)."""
+    the calibrated model atomically to `output_path` (never over the input). `recurrent`: the model is a
+    decoder exported with its KV cache, written with a fixed-size state per layer (attnexport.recurrent)."""
     say = progress or (lambda _: None)
     options = options or MethodOptions()
     get_method(method)  # an unknown name gets the registry's message
@@ -87,6 +91,8 @@ def calibrate(model_path: str | Path, output_path: str | Path, data: Calibration
     sites = find_sites(model)
     if not sites:
         raise NoAttentionError(f"{model_path}: no softmax attention found; nothing written")
+    if method == "clustered":
+        options = _clustered_caps(sites, options)
     plan = make_plan(sites, method, options, layers=layers)
     if not plan.selected:
         reasons = "; ".join(sorted({p.skip_reason for p in plan.sites}))
@@ -119,14 +125,34 @@ def calibrate(model_path: str | Path, output_path: str | Path, data: Calibration
               "budget": budget, "seconds": round(time.perf_counter() - started, 1),
               "sites": {str(i): f.summary() for i, f in fits.items()}}
     say("writing")
-    rewrite.apply(model, final)
+    if recurrent:
+        from attnexport import recurrent as recurrent_rewrite
+
+        recurrent_rewrite.apply(model, final)  # changes the signature by design: cache -> state
+    else:
+        rewrite.apply(model, final)
     model.metadata_props[METADATA_CALIBRATION] = json.dumps(record, separators=(",", ":"))
-    if ([(v.name, v.dtype, str(v.shape)) for v in model.graph.inputs], [v.name for v in model.graph.outputs]) != signature:
+    if not recurrent and ([(v.name, v.dtype, str(v.shape)) for v in model.graph.inputs],
+                          [v.name for v in model.graph.outputs]) != signature:
         raise AttnExportError("internal error: the rewrite changed the graph's inputs or outputs; nothing written")
     from attnexport.api import _check_model_file
 
     model_io.save_atomic(model, output, validate=lambda path: _check_model_file(path, model_path))
     return CalibrationResult(str(model_path), str(output), final, fits, record)
+
+
+def _clustered_caps(sites, options: MethodOptions) -> MethodOptions:
+    """--window and --clusters are the largest sizes fit_clustered tries (defaults 128 and 64); a causal
+    site without given centres gets zeros of that count so that it is planned (its fitter replaces them
+    with centres fitted on the recorded keys)."""
+    window = fit_clustered.DEFAULT_WINDOW_CAP if options.window is None or options.window < 0 else options.window
+    clusters = options.num_clusters or fit_clustered.DEFAULT_CLUSTER_CAP
+    given = dict(options.centroids or {})
+    for site in sites:
+        key = centroids_key(site)
+        if site.mask.causal and key not in given:
+            given[key] = np.zeros((site.num_kv_heads, clusters, site.head_dim), np.float32)
+    return replace(options, window=window, num_clusters=clusters, centroids=given)
 
 
 def _final_plan(plan: Plan, fits: dict[int, SiteFit]) -> Plan:
