@@ -22,18 +22,9 @@ namespace {
 
 using simd::kWidth;
 using simd::Vec;
+using simd::Dot;
 
 constexpr float kNegInf = -__builtin_inff();
-
-// Σ_e x[e] y[e] over n entries.
-float Dot(const float* x, const float* y, int64_t n) {
-  Vec acc = simd::Zero();
-  int64_t e = 0;
-  for (; e + kWidth <= n; e += kWidth) acc += simd::Load(x + e) * simd::Load(y + e);
-  float total = simd::Sum(acc);
-  for (; e < n; ++e) total += x[e] * y[e];
-  return total;
-}
 
 // acc[e] += w * x[e] over n entries.
 void Axpy(float* acc, float w, const float* x, int64_t n) {

@@ -165,16 +165,6 @@ float MaxSum(const float* x, const float* add, int64_t n) {
   return simd::MaxLane(best);
 }
 
-// Σ_d x[d] y[d].
-float Dot(const float* x, const float* y, int64_t n) {
-  Vec acc = simd::Zero();
-  int64_t d = 0;
-  for (; d + kWidth <= n; d += kWidth) acc += simd::Load(x + d) * simd::Load(y + d);
-  float sum = simd::Sum(acc);
-  for (; d < n; ++d) sum += x[d] * y[d];
-  return sum;
-}
-
 // acc[d] += x[d] (d < n).
 void AddRow(float* acc, const float* x, int64_t n) {
   int64_t d = 0;
@@ -360,7 +350,7 @@ void ReadState(const Plan& pl, int64_t b, int64_t hq, int64_t i0, int64_t n, con
       continue;
     }
     ExpRow(a, 1.f, st.m, top, dk, a);
-    const float den = Dot(a, st.z, dk);
+    const float den = simd::Dot(a, st.z, dk);
     qb.inv[r] = den > 0.f ? 1.f / den : 0.f;
   }
   float* y = pl.Y(b, hq) + i0 * dv;
@@ -531,7 +521,7 @@ void CausalRows(const Plan& pl, int64_t b, int64_t hkv, int64_t q0, int64_t r0, 
         const Vec edge = simd::KeepFirst(simd::Load(prow + diag), rl + 1 - diag);
         simd::Store(prow + diag, edge);
         for (int64_t c = diag + kWidth; c < last; c += kWidth) simd::Store(prow + c, simd::Zero());
-        const float den = Dot(pgg.a1 + rl * dk, st.z, dk) + simd::Sum(seen + edge);
+        const float den = simd::Dot(pgg.a1 + rl * dk, st.z, dk) + simd::Sum(seen + edge);
         inv[rl] = den > 0.f ? 1.f / den : 0.f;
       }
       gemm::Rows<gemm::kScaleStore>(out, i0, rows, pl.DvP, last);

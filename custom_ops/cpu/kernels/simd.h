@@ -96,6 +96,15 @@ ATTNEXPORT_INLINE float Sum(Vec v) {
   for (int i = 0; i < kWidth; ++i) s += v[i];
   return s;
 }
+// Σ_e x[e] y[e] over n entries (vector lanes, then the tail).
+ATTNEXPORT_INLINE float Dot(const float* x, const float* y, int64_t n) {
+  Vec acc = Zero();
+  int64_t e = 0;
+  for (; e + kWidth <= n; e += kWidth) acc += Load(x + e) * Load(y + e);
+  float total = Sum(acc);
+  for (; e < n; ++e) total += x[e] * y[e];
+  return total;
+}
 ATTNEXPORT_INLINE float MaxLane(Vec v) {
   float m = v[0];
   for (int i = 1; i < kWidth; ++i) m = v[i] > m ? v[i] : m;

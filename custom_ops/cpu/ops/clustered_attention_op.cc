@@ -91,7 +91,7 @@ struct ClusteredAttentionKernel {
     const bool has_past = cpu::IsPresent(ctx, kPastState);
     const bool want_present = ctx.GetOutputCount() > kPresentState;
     if (has_past || want_present) {  // state mode: clustered_reference.check_state_mode's reasons
-      ComputeWithState(ctx, p, t, dtype, has_past, want_present, pool, arena);
+      ComputeWithState(ctx, p, t, dtype, has_past, pool, arena);
       return;
     }
     const std::vector<int64_t> y_shape = {p.batch, p.q_heads, p.q_len, p.value_dim};
@@ -105,7 +105,7 @@ struct ClusteredAttentionKernel {
 
   // State [B, Hkv, G + R + M + 1, Dk + Dv + 1] float32 (R = window_left + 1); past_state broadcasts to it.
   void ComputeWithState(Ort::KernelContext& ctx, cpu::ClusteredAttentionProblem& p, cpu::ClusteredAttentionTensors& t,
-                        ONNXTensorElementDataType dtype, bool has_past, bool want_present, const cpu::ThreadPool& pool,
+                        ONNXTensorElementDataType dtype, bool has_past, const cpu::ThreadPool& pool,
                         cpu::ScratchArena& arena) {
     Require(!queries_, "a state needs cluster='keys' (query clustering attends to every key)");
     Require(causal_, "a state needs causal=1 (later calls add later keys)");
@@ -131,11 +131,7 @@ struct ClusteredAttentionKernel {
                     std::to_string(seen));
       }
     }
-    Ort::UnownedValue present{nullptr};
-    if (want_present) {
-      present = ctx.GetOutput(kPresentState, state_shape);
-      t.present_state = present.GetTensorMutableData<float>();
-    }
+    t.present_state = cpu::OptionalFloat32Output(ctx, kPresentState, state_shape);
     const std::vector<int64_t> y_shape = {p.batch, p.q_heads, p.q_len, p.value_dim};
     cpu::Float32Output y(ctx, kY, y_shape, dtype, arena);
     t.y = y.data();

@@ -90,13 +90,9 @@ struct LinearAttentionKernel {
               "taylor2 with expansion_point mean or max cannot read a past_state (use zero)");
       t.past_state = cpu::BroadcastToFloat32(ctx.GetInput(kPastState), state_shape, "past_state", arena, pool);
     }
-    const bool want_present = ctx.GetOutputCount() > kPresentState;
+    t.present_state = cpu::OptionalFloat32Output(ctx, kPresentState, state_shape);
+    const bool want_present = t.present_state != nullptr;
     const int64_t state_count = cpu::ElementCount(state_shape);
-    Ort::UnownedValue present{nullptr};
-    if (want_present) {
-      present = ctx.GetOutput(kPresentState, state_shape);
-      t.present_state = present.GetTensorMutableData<float>();
-    }
 
     const std::vector<int64_t> y_shape = {p.batch, p.q_heads, p.q_len, p.value_dim};
     cpu::Float32Output y(ctx, kY, y_shape, dtype, arena);

@@ -187,6 +187,12 @@ inline bool IsPresent(const Ort::KernelContext& ctx, size_t index) {
   return static_cast<bool>(ctx.GetInput(index));
 }
 
+// An optional float32 output (a present_state): its buffer, or null when the node does not produce it.
+inline float* OptionalFloat32Output(Ort::KernelContext& ctx, size_t index, const std::vector<int64_t>& shape) {
+  if (ctx.GetOutputCount() <= index) return nullptr;
+  return ctx.GetOutput(index, shape).GetTensorMutableData<float>();
+}
+
 // An output of Q's element type that a float32 kernel writes: the output's own memory when it is
 // float32, else a float32 staging buffer that Finish() converts into the float16 output.
 class Float32Output {
