@@ -159,14 +159,32 @@ class InferenceSession(ort.InferenceSession):
     """onnxruntime.InferenceSession with the attnexport op library registered.
 
     Without the library a converted model still runs (ORT inlines each op's reference function), but
-    slowly; this registers the kernels for CPU (and CUDA when the library was built with it).
+    slowly; this registers the kernels for CPU (and CUDA when the library was built with it). Given no
+    `sess_options`, a recurrent model (`convert --recurrent`) gets ORT's memory patterns off: its
+    attention mask has a new length every call, and with them on the process grew by 130-375 MiB over
+    2k tokens in three of five runs of benchmarks/decode_memory.py (under 10 MiB with them off).
     """
 
     def __init__(self, path_or_bytes, sess_options: ort.SessionOptions | None = None,
                  providers: Sequence[str] | None = None, **kwargs):
         options = sess_options or ort.SessionOptions()
+        if sess_options is None and _is_recurrent(path_or_bytes):
+            options.enable_mem_pattern = False
         options.register_custom_ops_library(library_path())
         from attnexport import gpu
 
         gpu.prepare(providers)  # CUDA: load the nvidia-* wheel libraries; say why it would fall back
         super().__init__(path_or_bytes, options, providers=list(providers or ["CPUExecutionProvider"]), **kwargs)
+
+
+def _is_recurrent(path_or_bytes) -> bool:
+    """Does the model (a path or serialized bytes) carry attnexport.recurrent metadata? False when it
+    cannot be read here (ORT then reports the problem)."""
+    from attnexport.recurrent import METADATA_RECURRENT
+
+    try:
+        model = (onnx.load_from_string(path_or_bytes) if isinstance(path_or_bytes, bytes)
+                 else onnx.load(str(path_or_bytes), load_external_data=False))
+    except Exception:
+        return False
+    return any(p.key == METADATA_RECURRENT for p in model.metadata_props)

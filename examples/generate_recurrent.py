@@ -40,6 +40,9 @@ class RecurrentDecoder:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
+        # The attention mask grows by one every call: ORT's memory patterns, planned and kept per input
+        # shape, would grow memory without bound (attnexport.InferenceSession does this when given no options).
+        options.enable_mem_pattern = False
         if threads:
             options.intra_op_num_threads = threads
         self.session = attnexport.InferenceSession(path, options)

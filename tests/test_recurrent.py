@@ -129,6 +129,11 @@ def test_cli_recurrent_and_the_one_line_errors(cached_decoder, zoo_model, tmp_pa
     result = runner.invoke(main, ["convert", source, "-o", str(out), "--method", "lse", "--recurrent"])
     assert result.exit_code == 0, result.output
     assert out.exists()
+    # attnexport.InferenceSession turns ORT's memory patterns off for it (a new mask length every call)
+    import attnexport
+
+    assert attnexport.InferenceSession(str(out)).get_session_options().enable_mem_pattern is False
+    assert attnexport.InferenceSession(source).get_session_options().enable_mem_pattern is True
     # A model without a KV cache: one line, nothing written.
     plain = zoo_model("gpt2", "dynamo18")
     bad = tmp_path / "bad.onnx"
