@@ -44,7 +44,8 @@ def resident_mib() -> float:
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
-def generate(model: str, kind: str, prompt_len: int, tokens: int, checkpoints: list[int], threads: int) -> list[dict]:
+def generate(model: str, kind: str, prompt_len: int, tokens: int, checkpoints: list[int], threads: int,
+             mem_pattern: bool = True) -> list[dict]:
     """Greedy decoding with `model` ("original": feeds its present.* back as past_key_values.*;
     "recurrent": present_state.* back as past_state.*); a record per checkpoint position."""
     import onnxruntime as ort
@@ -53,6 +54,7 @@ def generate(model: str, kind: str, prompt_len: int, tokens: int, checkpoints: l
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
+    options.enable_mem_pattern = mem_pattern  # ORT's default is on: a planned pattern per input shape
     session = attnexport.InferenceSession(model, options)
     inputs = {i.name: i for i in session.get_inputs()}
     outputs = [o.name for o in session.get_outputs()]
@@ -87,10 +89,10 @@ def generate(model: str, kind: str, prompt_len: int, tokens: int, checkpoints: l
     return records
 
 
-def run_worker(model: str, kind: str, args) -> list[dict]:
+def run_worker(model: str, kind: str, args, mem_pattern: bool = True) -> list[dict]:
     command = [sys.executable, "-P", __file__, "--worker", kind, "--model", model, "--prompt", str(args.prompt),
                "--tokens", str(args.tokens), "--checkpoints", ",".join(map(str, args.checkpoints)),
-               "--threads", str(args.threads)]
+               "--threads", str(args.threads)] + ([] if mem_pattern else ["--no-mem-pattern"])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode:
@@ -105,6 +107,13 @@ def prepare(args, workdir: Path) -> tuple[str, str, dict]:
 
     size = "tiny" if args.quick else "small"
     positions = args.prompt + args.tokens + 8
+    key = {"size": size, "positions": positions, "window": args.window, "clusters": args.clusters,
+           "budget": args.budget, "calibration": [args.calibration_sequences, args.calibration_length]}
+    saved = workdir / "setup.json"
+    if saved.exists() and json.loads(saved.read_text()).get("key") == key:  # --workdir from an earlier run
+        print(f"reusing the models in {workdir}", flush=True)
+        setup = json.loads(saved.read_text())["setup"]
+        return str(workdir / "gpt2_kv.onnx"), str(workdir / "gpt2.clustered-recurrent.onnx"), setup
     print(f"exporting a {size} GPT-2 (random weights) with its KV cache ...", flush=True)
     source = decoders.export("gpt2", "dynamo18", workdir / "gpt2_kv.onnx", size=size, lm_head=True,
                              max_positions=max(128, positions))
@@ -126,15 +135,21 @@ def prepare(args, workdir: Path) -> tuple[str, str, dict]:
     chosen = [f"{f.parameters['window']}+{f.parameters['clusters']}" for f in result.fits.values()]
     setup = {"size": size, "layers": spec.num_layers, "heads": spec.num_heads, "head_dim": spec.head_dim,
              "replaced": len(result.fits), "fit_seconds": round(fit_s, 1), "window+clusters per layer": chosen}
+    saved.write_text(json.dumps({"key": key, "setup": setup}))
     return source, result.output_path, setup
 
 
-def table(original: list[dict], recurrent: list[dict]) -> list[str]:
-    lines = ["| position | original RSS MiB | original carries MiB | original ms/token | recurrent RSS MiB | "
-             "recurrent carries MiB | recurrent ms/token |", "|---|---|---|---|---|---|---|"]
-    for o, r in zip(original, recurrent):
-        lines.append(f"| {o['position']} | {o['rss_mib']:.1f} | {o['carried_mib']:.2f} | {o['ms_per_token']:.2f} | "
-                     f"{r['rss_mib']:.1f} | {r['carried_mib']:.2f} | {r['ms_per_token']:.2f} |")
+def table(runs: dict) -> list[str]:
+    """Per checkpoint: RSS with ORT's memory patterns off / on (its default), carried MiB, ms/token (off)."""
+    lines = ["| position | original RSS MiB (patterns off / on) | original carries MiB | original ms/token | "
+             "recurrent RSS MiB (patterns off / on) | recurrent carries MiB | recurrent ms/token |",
+             "|---|---|---|---|---|---|---|"]
+    rows = zip(runs[("original", False)], runs[("original", True)], runs[("recurrent", False)],
+               runs[("recurrent", True)])
+    for o, o_on, r, r_on in rows:
+        lines.append(f"| {o['position']} | {o['rss_mib']:.1f} / {o_on['rss_mib']:.1f} | {o['carried_mib']:.2f} | "
+                     f"{o['ms_per_token']:.2f} | {r['rss_mib']:.1f} / {r_on['rss_mib']:.1f} | "
+                     f"{r['carried_mib']:.2f} | {r['ms_per_token']:.2f} |")
     return lines
 
 
@@ -153,6 +168,7 @@ def main() -> int:
     parser.add_argument("--workdir", help="keep the exported models here")
     parser.add_argument("--worker", choices=("original", "recurrent"), help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--no-mem-pattern", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.tokens = args.tokens or (512 if args.quick else 2048)
     if args.checkpoints:
@@ -162,7 +178,8 @@ def main() -> int:
         args.checkpoints = sorted({p for p in (32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384) if p < end}
                                   | {end})
     if args.worker:
-        print(json.dumps(generate(args.model, args.worker, args.prompt, args.tokens, args.checkpoints, args.threads)))
+        print(json.dumps(generate(args.model, args.worker, args.prompt, args.tokens, args.checkpoints, args.threads,
+                                  mem_pattern=not args.no_mem_pattern)))
         return 0
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -170,19 +187,24 @@ def main() -> int:
         workdir.mkdir(parents=True, exist_ok=True)
         original_path, recurrent_path, setup = prepare(args, workdir)
         print(f"generating {args.tokens} tokens with each model (a process each) ...", flush=True)
-        original = run_worker(original_path, "original", args)
-        recurrent = run_worker(recurrent_path, "recurrent", args)
-    lines = table(original, recurrent)
-    first, last = recurrent[0], recurrent[-1]
-    window_mark = next((r for r in recurrent if r["position"] >= 2 * args.window), first)
-    growth = last["rss_mib"] - window_mark["rss_mib"]
-    o_growth = original[-1]["rss_mib"] - original[recurrent.index(window_mark)]["rss_mib"]
+        runs = {(kind, pattern): run_worker(path, kind, args, pattern)
+                for kind, path in (("original", original_path), ("recurrent", recurrent_path)) for pattern in (False, True)}
+    original, recurrent = runs[("original", False)], runs[("recurrent", False)]
+    lines = table(runs)
+    mark = next((i for i, r in enumerate(recurrent) if r["position"] >= 2 * args.window), 0)
+
+    def growth(run):
+        return run[-1]["rss_mib"] - run[mark]["rss_mib"]
+
+    last = recurrent[-1]
+    summary = (f"From position {recurrent[mark]['position']} (twice the largest window) to {last['position']}: the "
+               f"recurrent model carries {last['carried_mib']:.2f} MiB at every step and its resident memory grew by "
+               f"{growth(recurrent):+.1f} MiB with ONNX Runtime's memory patterns off "
+               f"({growth(runs[('recurrent', True)]):+.1f} MiB with them on, ORT's default); the original's cache grew "
+               f"to {original[-1]['carried_mib']:.2f} MiB and its resident memory by {growth(original):+.1f} MiB "
+               f"({growth(runs[('original', True)]):+.1f} MiB with patterns on).")
     command = "python benchmarks/decode_memory.py" + (" --quick" if args.quick else "") + \
         (f" --tokens {args.tokens}" if args.tokens != (512 if args.quick else 2048) else "")
-    summary = (f"From position {window_mark['position']} (twice the window) to {last['position']}: the recurrent "
-               f"model's resident memory changed by {growth:+.1f} MiB and it carries {last['carried_mib']:.2f} MiB "
-               f"at every step; the original's grew by {o_growth:+.1f} MiB, its cache to "
-               f"{original[-1]['carried_mib']:.2f} MiB.")
     load = os.getloadavg()[0]
     md = [f"# Memory while generating: KV cache vs ClusteredAttention state (window {args.window} + "
           f"{args.clusters} clusters)", "",
@@ -191,14 +213,16 @@ def main() -> int:
           f"window {args.window}, {args.clusters} clusters; budget {args.budget}) on {args.calibration_sequences} random "
           f"sequences of {args.calibration_length} tokens ({setup['fit_seconds']} s) fitted the centres and chose, per "
           f"layer, window+clusters {', '.join(setup['window+clusters per layer'])}; {setup['replaced']} sites replaced. Batch 1, prompt {args.prompt}, then one "
-          f"token per call; {args.threads} intra-op threads; each model in its own process; load average "
+          f"token per call; {args.threads} intra-op threads; each run in its own process, with ONNX Runtime's "
+          f"memory patterns off (SessionOptions.enable_mem_pattern = False; attnexport.InferenceSession's choice for "
+          f"recurrent models) and on (ORT's default); ms/token with them off; load average "
           f"{load:.1f} at the end. RSS: the process's resident memory (VmRSS); carries: the arrays fed back "
           f"between calls (past_key_values.* or past_state.*). Command: `{command}`.", "", *lines, "", summary]
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "decode_memory_cpu.md").write_text("\n".join(md) + "\n")
     (RESULTS / "decode_memory_cpu.json").write_text(json.dumps(
         {"setup": setup, "window": args.window, "clusters": args.clusters, "command": command,
-         "original": original, "recurrent": recurrent}, indent=1) + "\n")
+         **{f"{kind}{'_mem_pattern' if pattern else ''}": run for (kind, pattern), run in runs.items()}}, indent=1) + "\n")
     print("\n".join(lines))
     print(summary)
     return 0
