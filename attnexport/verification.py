@@ -101,6 +101,13 @@ def verify(original: str | Path, converted: str | Path, *, feeds: dict[str, np.n
     plan = recorded_plan(converted_model)
     if plan is None:
         raise AttnExportError(f"{converted}: not converted by attnexport (no plan in its metadata)")
+    from attnexport.verify_recurrent import is_recurrent, verify_recurrent
+
+    if is_recurrent(converted_model):  # its cache is a state: compare token by token
+        if feeds is not None:
+            raise AttnExportError("--inputs is not supported for recurrent models yet (synthesised tokens are used)")
+        return verify_recurrent(original_model, converted_model, plan, (str(original), str(converted)),
+                                seq_len=seq_len, batch=batch, tolerance=tolerance, threads=threads, providers=providers)
     _check_same_signature(original_model, converted_model, original, converted)
     if feeds is None:
         shape = inputs.ProbeShape(batch=batch, seq_len=seq_len or 16)

@@ -181,3 +181,21 @@ def test_clustered_recurrent_refusals(cached_decoder, tmp_path):
         with pytest.raises(AttnExportError, match=message):
             api.convert(source, out, method="clustered", options=options, recurrent=True)
         assert not out.exists()
+
+
+def test_verify_runs_a_recurrent_model_token_by_token(cached_decoder, tmp_path, op_library):
+    """verify on a recurrent conversion: the original on the whole sequence vs the recurrent model token by
+    token. A clustered window wider than the sequence keeps every key exact, so it must match the original
+    to round-off; LseAttention is an approximation, measured, and fails a tolerance it cannot meet."""
+    source = cached_decoder("llama", "torchscript17")
+    exact = api.convert(source, tmp_path / "window.onnx", method="clustered", recurrent=True,
+                        options=MethodOptions(window=64, num_clusters=2, centroids=_centres(source, 2)))
+    report = api.verify(source, exact.output_path, seq_len=10)
+    assert report.passed and "token by token" in report.method
+    (logits,) = report.comparisons
+    assert logits.kernel_vs_original["rel"] < 1e-4 and logits.kernel_vs_function["rel"] < 1e-4
+    assert logits.shape[1] == 10
+    lse = api.convert(source, tmp_path / "lse.onnx", method="lse", recurrent=True)
+    approximate = api.verify(source, lse.output_path, seq_len=10)
+    assert approximate.passed and approximate.comparisons[0].kernel_vs_original["rel"] > 1e-3
+    assert not api.verify(source, lse.output_path, seq_len=10, tolerance=1e-6).passed
