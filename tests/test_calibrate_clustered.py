@@ -18,7 +18,7 @@ from attnexport.cli import main
 from attnexport.errors import AttnExportError
 from attnexport.methods import MethodOptions
 from attnexport.runtime import create_session
-from test_calibrate import SEQ, calib_npz, output_error, sharp_bert  # noqa: F401 (fixtures)
+from test_calibrate import calib_npz, output_error, sharp_bert  # noqa: F401 (fixtures)
 
 
 def test_grid_is_cheapest_first_and_stops_at_a_covering_window():
